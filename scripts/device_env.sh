@@ -1,0 +1,18 @@
+# Sourced by every device script: carried wheels, in-place incremental build, paths.
+# On a warm device machine .devbuild/ survives between calls, so ninja rebuilds only
+# what changed. Usage: source scripts/device_env.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  touch /tmp/site/.ts-installed
+fi
+export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}"
+ts_build() {
+  local t0=$SECONDS
+  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace --build-temp .devbuild/temp \
+    > .devbuild.log 2>&1 || { tail -60 .devbuild.log; return 1; }
+  echo "build: $((SECONDS - t0)) s"
+}

@@ -1,0 +1,59 @@
+"""Registration of the in-tree kernels with the registry.
+
+Each family's backends register here with what they need and support; the
+implementations import lazily (``"module:attr"``), so a broken backend fails
+loudly when selected, not at ``import tokenspeed_kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenspeed_kernels import registry
+from tokenspeed_kernels.registry import CPU_ONLY, Capability, Priority
+
+FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+GPU_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+NVIDIA = Capability(frozenset({"nvidia"}), min_cc=(7, 0))
+
+OPS = ("mla_decode", "mla_prefill", "merge_attn_states", "moe_route", "fused_moe")
+_OP_MODULE = {
+    "mla_decode": "mla",
+    "mla_prefill": "mla",
+    "merge_attn_states": "mla",
+    "moe_route": "moe",
+    "fused_moe": "moe",
+}
+
+
+def register_builtin_kernels(built_with_cuda: bool) -> None:
+    """Register every in-tree kernel; CUDA ones are marked unavailable in a CPU-only build."""
+    no_cuda = None if built_with_cuda else "this build of tokenspeed_kernels._C has no CUDA kernels"
+    for op in OPS:
+        module = _OP_MODULE[op]
+        registry.register(
+            op,
+            "reference",
+            f"tokenspeed_kernels.reference.{module}:{op}_ref",
+            priority=Priority.REFERENCE,
+            description="torch reference (any device; the tests' oracle)",
+        )
+        registry.register(
+            op,
+            "native_cpu",
+            f"tokenspeed_kernels.ops.{module}:{op}",
+            capability=CPU_ONLY,
+            dtypes=FLOATS,
+            priority=Priority.PORTABLE,
+            description="C++ ATen implementation (torch.ops.tokenspeed CPU key)",
+        )
+    registry.register(
+        "merge_attn_states",
+        "cuda",
+        "tokenspeed_kernels.ops.mla:merge_attn_states",
+        capability=NVIDIA,
+        dtypes=GPU_FLOATS,
+        priority=Priority.PERFORMANT,
+        description="vectorised CUDA kernel (torch.ops.tokenspeed CUDA key)",
+        unavailable=no_cuda,
+    )

@@ -1,0 +1,59 @@
+"""Every environment variable TokenSpeed reads, in one place.
+
+This module imports nothing from the package (setup.py loads it by path), so it
+must stay dependency-free.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Build (setup.py)
+CUDA_ARCHS = "TOKENSPEED_CUDA_ARCHS"  # ";"-separated, e.g. "90a" (default) or "90a;100a"; "none" = no CUDA
+CUTLASS_HOME = "CUTLASS_HOME"  # CUTLASS checkout; default: headers of the nvidia-cutlass wheel
+PTXAS_VERBOSE = "TOKENSPEED_PTXAS_VERBOSE"  # "1": print registers / spills per kernel
+MAX_JOBS = "MAX_JOBS"  # parallel compile jobs (torch's variable); default: all cores
+CCACHE = "TOKENSPEED_CCACHE"  # "0" disables ccache even when it is installed
+SKIP_EXTENSIONS = "TOKENSPEED_SKIP_EXTENSIONS"  # "1": package metadata only (make builds in place)
+
+# Runtime (tokenspeed_kernels)
+KERNEL_BACKEND = "TOKENSPEED_KERNEL_BACKEND"  # "backend" or "op=backend,op=backend"
+DISABLE_PLUGINS = "TOKENSPEED_DISABLE_PLUGINS"  # "1": skip entry-point plugins
+DEBUG_CHECKS = "TOKENSPEED_DEBUG_CHECKS"  # "1": value checks that need a device sync
+
+DEFAULT_CUDA_ARCHS = "90a"
+
+
+def get(name: str, default: str = "") -> str:
+    """The raw value of one of the variables above (default when unset)."""
+    return os.environ.get(name, default)
+
+
+def flag(name: str) -> bool:
+    """True when the variable is set to 1/true/yes/on."""
+    return get(name).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cuda_archs() -> list[str]:
+    """Arch list for nvcc ([] means build without CUDA sources)."""
+    raw = get(CUDA_ARCHS, DEFAULT_CUDA_ARCHS).replace(",", ";")
+    archs = [a.strip() for a in raw.split(";") if a.strip()]
+    return [] if archs == ["none"] else archs
+
+
+def backend_overrides() -> dict[str, str]:
+    """Parse TOKENSPEED_KERNEL_BACKEND: {"*": b} or {op: backend, ...}."""
+    raw = get(KERNEL_BACKEND).strip()
+    if not raw:
+        return {}
+    out: dict[str, str] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            op, backend = (s.strip() for s in part.split("=", 1))
+            out[op] = backend
+        else:
+            out["*"] = part
+    return out

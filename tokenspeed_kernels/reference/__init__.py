@@ -1,0 +1,11 @@
+"""Device-agnostic torch references of every op: readable, vectorised per sequence.
+
+They are the oracles of the kernel tests (run them on float64 inputs) and the
+`reference` backend of the registry (any device). They share no code with the
+C++ CPU implementations, so the two check each other.
+"""
+
+from tokenspeed_kernels.reference.mla import merge_attn_states_ref, mla_decode_ref, mla_prefill_ref
+from tokenspeed_kernels.reference.moe import fused_moe_ref, moe_route_ref
+
+__all__ = ["mla_decode_ref", "mla_prefill_ref", "merge_attn_states_ref", "moe_route_ref", "fused_moe_ref"]

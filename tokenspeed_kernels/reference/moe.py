@@ -1,0 +1,96 @@
+"""Torch references of the MoE ops (see tokenspeed_kernels.ops.moe for contracts)."""
+
+from __future__ import annotations
+
+import torch
+
+FP8_BLOCK = 128
+E4M3_MAX = 448.0
+
+
+def _topk_lowest_index_on_ties(x: torch.Tensor, k: int) -> torch.Tensor:
+    # Stable descending sort: among equal values the lower index comes first.
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def moe_route_ref(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring_func: str = "sigmoid",
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``tokenspeed::moe_route`` (DeepSeek-V3 grouped routing or softmax top-k)."""
+    tokens, experts = router_logits.shape
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        per_group = choice.view(tokens, n_group, experts // n_group)
+        if correction_bias is not None:
+            group_score = per_group.topk(min(2, experts // n_group), dim=-1).values.sum(-1)
+        else:
+            group_score = per_group.max(dim=-1).values
+        chosen_groups = _topk_lowest_index_on_ties(group_score, topk_group)
+        keep = torch.zeros(tokens, n_group, dtype=torch.bool, device=logits.device)
+        keep.scatter_(1, chosen_groups, True)
+        keep = keep.repeat_interleave(experts // n_group, dim=1)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = _topk_lowest_index_on_ties(choice, top_k)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def quant_dequant_fp8_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-token e4m3 round trip in groups of 128 values (scale = group amax / 448)."""
+    g = x.reshape(x.shape[0], -1, FP8_BLOCK)
+    scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / E4M3_MAX
+    q = (g / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.to(x.dtype) * scale).reshape(x.shape)
+
+
+def dequant_fp8_block_weight(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w [rows, cols] e4m3 with scale [ceil(rows/128), ceil(cols/128)] -> dtype."""
+    rows, cols = w.shape
+    s = scale.to(dtype).repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    return w.to(dtype) * s
+
+
+def fused_moe_ref(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """Reference of ``tokenspeed::fused_moe``, token by token and slot by slot."""
+    acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    local = w13.shape[0]
+    inter = w2.shape[2]
+    out = torch.zeros(hidden_states.shape, dtype=acc, device=hidden_states.device)
+    for t in range(hidden_states.shape[0]):
+        x = hidden_states[t : t + 1].to(acc)
+        if fp8:
+            x = quant_dequant_fp8_activation(x)
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j]) - expert_offset
+            if not 0 <= e < local:
+                continue  # another rank's expert
+            wg = dequant_fp8_block_weight(w13[e], w13_scale[e], acc) if fp8 else w13[e].to(acc)
+            wd = dequant_fp8_block_weight(w2[e], w2_scale[e], acc) if fp8 else w2[e].to(acc)
+            gate_up = x @ wg.T
+            act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            act = act.to(hidden_states.dtype).to(acc)  # the intermediate is stored in the activation dtype
+            if fp8:
+                act = quant_dequant_fp8_activation(act)
+            out[t] += float(topk_weights[t, j]) * (act @ wd.T)[0]
+    return out.to(hidden_states.dtype)
