@@ -110,19 +110,21 @@ def _kernel_extension():
 
 
 def _scheduler_extension():
+    """The control plane needs no torch: a plain pybind11 module, so it imports without libtorch."""
     bind = os.path.join(ROOT, "csrc", "scheduler", "python", "bind.cpp")
     if not os.path.isfile(bind):
         return None
     import pybind11
+    from setuptools import Extension
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "scheduler", "*.cpp")))
     sources.append(os.path.relpath(bind, ROOT))
-    return CppExtension(
+    return Extension(
         "tokenspeed_engine._scheduler",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc", "scheduler"), pybind11.get_include()],
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DNDEBUG"]},
-        libraries=[],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DNDEBUG", "-fvisibility=hidden"]},
+        language="c++",
     )
 
 

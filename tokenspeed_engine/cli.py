@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from tokenspeed_engine.server.gateway import POLICIES
 from tokenspeed_kernels import env
 
 log = logging.getLogger("tokenspeed")
@@ -24,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     s.add_argument("--dp", type=int, default=1, help="data-parallel replicas (behind the smg gateway)")
-    s.add_argument("--gateway", action="store_true", help="start the smg gateway in front")
+    s.add_argument("--gateway", action="store_true", help="start the smg gateway in front (implied by --dp > 1)")
+    s.add_argument("--gateway-mode", default="grpc", choices=["grpc", "http"],
+                   help="grpc: the gateway tokenises and templates, replicas move token ids; http: it forwards OpenAI requests")
+    s.add_argument("--gateway-policy", default="cache_aware", choices=POLICIES, help="smg routing policy across the replicas")
+    s.add_argument("--worker-base-port", type=int, default=None,
+                   help="first replica port behind the gateway (default --port + 1; consecutive from there)")
+    s.add_argument("--grpc-port", type=int, default=None, help="also serve smg's TokenSpeedScheduler gRPC service on this port")
     s.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's, capped at 8192 on CPU)")
     s.add_argument("--page-size", type=int, default=16)
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size in tokens (default: from free memory)")
@@ -36,18 +43,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# serve options that configure the gateway process itself, not the replicas behind it
+GATEWAY_ONLY = {"cmd", "host", "port", "api_key", "dp", "gateway", "gateway_mode", "gateway_policy", "worker_base_port",
+                "grpc_port"}
+
+
+def replica_argv(args: argparse.Namespace) -> list[str]:
+    """The ``serve`` options a replica inherits, as argv (``--name value``; a set flag as ``--name``)."""
+    argv: list[str] = []
+    for name, value in vars(args).items():
+        if name in GATEWAY_ONLY or value is None or value is False:
+            continue
+        argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return argv
+
+
+def serve_gateway(args: argparse.Namespace, api_key: str | None) -> int:
+    """--dp N replicas (``tokenspeed serve`` processes on loopback) behind the smg gateway."""
+    from tokenspeed_engine.server.gateway import Gateway, GatewayConfig, GatewayError, replica_env
+
+    cfg = GatewayConfig(host=args.host, port=args.port, mode=args.gateway_mode, policy=args.gateway_policy,
+                        worker_base_port=args.worker_base_port, api_key=api_key)
+    common = replica_argv(args)
+
+    def command(index: int, http_port: int, grpc_port: int | None) -> list[str]:
+        grpc = ["--grpc-port", str(grpc_port)] if grpc_port is not None else []
+        return [sys.executable, "-m", "tokenspeed_engine.cli", "serve", *common, "--port", str(http_port), *grpc]
+
+    def environment(index: int) -> dict[str, str]:  # the key travels in the environment, not in `ps` output
+        return {**replica_env(index, args.tp, args.device), **({env.API_KEY: api_key} if api_key else {})}
+
+    try:
+        return Gateway(cfg, args.dp, command, environment).run()
+    except GatewayError as exc:
+        print(f"tokenspeed serve: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
 def serve(args: argparse.Namespace) -> int:
+    api_key = args.api_key or env.get(env.API_KEY) or None
+    if args.gateway or args.dp != 1:
+        return serve_gateway(args, api_key)
+    if args.tp != 1:
+        print("tokenspeed serve: --tp is not available in this build yet", file=sys.stderr)
+        return 2
     from tokenspeed_engine.launch import build_server
 
-    if args.tp != 1 or args.dp != 1 or args.gateway:
-        print("tokenspeed serve: --tp, --dp and --gateway are not available in this build yet", file=sys.stderr)
-        return 2
-    api_key = args.api_key or env.get(env.API_KEY) or None
     engine, server = build_server(args, api_key)
-    from tokenspeed_engine.server.app_runner import serve_forever
-
     where = f"http://{args.host}:{args.port}/v1"
     log.info("serving %s at %s%s", server.model_name, where, " (API key required)" if api_key else "")
+    if args.grpc_port is not None:
+        from tokenspeed_engine.server.grpc_service import serve_http_and_grpc
+
+        serve_http_and_grpc(server, args.host, args.port, args.grpc_port)
+        return 0
+    from tokenspeed_engine.server.app_runner import serve_forever
+
     serve_forever(engine, server, args.host, args.port)
     return 0
 

@@ -136,15 +136,21 @@ def test_plugins_register_and_failures_are_reported(toy_op, monkeypatch) -> None
 
 
 def test_builtin_ops_on_fake_devices() -> None:
-    for op in ("mla_decode", "mla_prefill", "merge_attn_states", "moe_route", "fused_moe"):
-        assert registry.select(op, CPU, torch.float32).backend == "native_cpu"
-        # no GPU kernel of these ops is built into a CPU machine's view for B200: reference serves
-        assert registry.select(op, B200, torch.bfloat16).backend in {"reference", "cuda"}
-    merge = registry.select("merge_attn_states", H100, torch.bfloat16)
     import tokenspeed_kernels
 
-    expected = "cuda" if tokenspeed_kernels.build_info()["cuda"] else "reference"
-    assert merge.backend == expected
+    for op in ("mla_decode", "mla_prefill", "merge_attn_states", "moe_route", "fused_moe"):
+        assert registry.select(op, CPU, torch.float32).backend == "native_cpu"
+    for op in ("mla_prefill", "moe_route", "fused_moe"):  # no GPU kernel yet: the torch reference serves
+        assert registry.select(op, B200, torch.bfloat16).backend == "reference"
+    deepseek = dict(page_size=64, heads=16, q_len=2, head_dim=576)
+    cuda_built = tokenspeed_kernels.build_info()["cuda"]
+    assert registry.select("mla_decode", H100, torch.bfloat16, **deepseek).backend == ("cuda_sm90" if cuda_built else "triton")
+    assert registry.select("mla_decode", B200, torch.bfloat16, **deepseek).backend == "triton"  # sm90 kernel refuses sm100
+    assert registry.select("mla_decode", A100, torch.bfloat16, **deepseek).backend == "triton"
+    assert registry.select("mla_decode", H100, torch.bfloat16, **{**deepseek, "q_len": 9}).backend == "reference"
+    assert registry.select("mla_decode", H100, torch.float32, **deepseek).backend == "reference"
+    merge = registry.select("merge_attn_states", H100, torch.bfloat16)
+    assert merge.backend == ("cuda" if cuda_built else "reference")
 
 
 def test_device_info_of_cpu() -> None:

@@ -242,4 +242,7 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await server.complete(await server.read_json(request), chat=True)
 
+    from tokenspeed_engine.server.worker_api import add_worker_routes  # imports this module: import here
+
+    add_worker_routes(app, server)  # the smg gateway's worker endpoints
     return app

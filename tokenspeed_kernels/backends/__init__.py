@@ -11,10 +11,12 @@ import torch
 
 from tokenspeed_kernels import registry
 from tokenspeed_kernels.registry import CPU_ONLY, Capability, Priority
+from tokenspeed_kernels.triton import register_triton_kernels
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 GPU_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 NVIDIA = Capability(frozenset({"nvidia"}), min_cc=(7, 0))
+HOPPER = Capability(frozenset({"nvidia"}), min_cc=(9, 0), max_cc=(9, 0))
 
 OPS = ("mla_decode", "mla_prefill", "merge_attn_states", "moe_route", "fused_moe")
 _OP_MODULE = {
@@ -57,3 +59,15 @@ def register_builtin_kernels(built_with_cuda: bool) -> None:
         description="vectorised CUDA kernel (torch.ops.tokenspeed CUDA key)",
         unavailable=no_cuda,
     )
+    registry.register(
+        "mla_decode",
+        "cuda_sm90",
+        "tokenspeed_kernels.ops.mla:mla_decode",
+        capability=HOPPER,
+        dtypes=(torch.bfloat16,),
+        traits={"page_size": {16, 32, 64, 128, 256}, "heads": {16, 32, 64, 128}, "q_len": range(1, 9), "head_dim": {576}},
+        priority=Priority.SPECIALISED,
+        description="TMA + wgmma warp-specialised decode, split-KV planned on the device (CUDA key)",
+        unavailable=no_cuda,
+    )
+    register_triton_kernels()  # imports Triton lazily, on first use

@@ -1,0 +1,85 @@
+// The bf16 decode kernel's only instantiation and its host-side launch (no torch):
+// encodes the TMA descriptor over the cache, launches decode then combine.
+// Page size is a run-time parameter (it only changes the producer's box size), so
+// one compiled kernel serves every supported page size.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+#include "mla/decode/mla_decode_sm90.h"
+#include "mla/decode/mla_decode_sm90_kernel.cuh"
+
+namespace tokenspeed::mla_sm90 {
+namespace {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point, so the extension
+// needs no link against libcuda.
+EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                             cudaEnableDefault, &status);
+    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) return static_cast<EncodeTiledFn>(nullptr);
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// The cache viewed as a 2-D [num_pages * page_size, 576] bf16 tensor; a box is 64
+// dims x min(page_size, 64) tokens, 128-byte swizzled (one smem panel or part of one).
+cudaError_t make_kv_map(CUtensorMap* map, const void* kv_cache, int64_t num_pages, int page_size_log2) {
+  EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const int box_rows = 1 << (page_size_log2 < 6 ? page_size_log2 : 6);
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kHeadDim),
+                              static_cast<cuuint64_t>(num_pages) << page_size_log2};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kHeadDim) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult res = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(kv_cache), dims,
+                              strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Raises the kernel's dynamic shared memory limit above 48 KB, once per device (the
+// first call happens before any graph capture in practice: warm-up).
+cudaError_t allow_large_smem() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(mla_decode_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
+  return err;
+}
+
+}  // namespace
+
+size_t decode_smem_bytes() { return static_cast<size_t>(kSmemBytes); }
+
+cudaError_t launch_mla_decode_sm90(const MlaDecodeSm90Params& params, const void* kv_cache,
+                                   int64_t num_pages, cudaStream_t stream) {
+  if (params.batch == 0) return cudaSuccess;
+  CUtensorMap map;
+  cudaError_t err = make_kv_map(&map, kv_cache, num_pages, params.page_size_log2);
+  if (err != cudaSuccess) return err;
+  err = allow_large_smem();
+  if (err != cudaSuccess) return err;
+  mla_decode_sm90_kernel<<<params.slots * params.m_blocks, kThreads, kSmemBytes, stream>>>(map, params);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_mla_decode_sm90_combine(params, stream);
+}
+
+}  // namespace tokenspeed::mla_sm90

@@ -1,0 +1,724 @@
+// The Hopper (sm_90a) MLA decode kernel: warp-specialised TMA + wgmma, split-KV
+// planned on the device. Included by exactly one translation unit
+// (mla_decode_sm90_bf16.cu); the design and its reasoning are in csrc/mla/README.md.
+//
+// CTA = 3 warpgroups (384 threads), one CTA per SM (~219 KB of shared memory):
+//   WG0  producer: one thread walks the CTA's plan range and issues TMA loads of
+//        64-key tiles (9 panels of 64 dims x 64 keys, 128-byte swizzled) through the
+//        block table into a 2-stage ring guarded by full/empty mbarriers.
+//   WG1, WG2  consumers ("w" = 0, 1), both over the same 64 query rows:
+//        S_w = Q K_w^T for their 32 keys of the tile (wgmma m64n32k16, A = Q from
+//        smem, B = K from smem), exp2-domain online softmax with the row max
+//        exchanged between the two warpgroups through smem, P (bf16, 64 x 64) written
+//        over the tile's rope panel (dead once both QK^T are done), then
+//        O_w += P V_w with V_w = value dims [256w, 256w + 256) of the same smem tile
+//        (wgmma m64n256k16, A = P from smem, B = V, MN-major). Each KV byte is read
+//        from HBM once and feeds both products.
+//
+// Shared memory (offsets from a 1024-byte aligned base):
+//   [0, 72K)        Q: 9 panels [64 rows][64 dims] bf16, 128B swizzle
+//   [72K, 216K)     2 KV stages, same panel layout over [64 keys][576 dims];
+//                   panel 8 (rope dims 512..575) is reused for P once QK^T is done
+//   then            row-max exchange [2 parities][2 WGs][64], row-sum exchange [2][64],
+//                   mbarriers full[2], empty[2], plan scratch
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "mla/decode/mla_decode_sm90.h"
+
+namespace tokenspeed::mla_sm90 {
+
+// ---------------------------------------------------------------------------------
+// Layout constants
+// ---------------------------------------------------------------------------------
+constexpr int kPanelBytes = 64 * 128;              // 64 rows x 64 bf16 (one 128B-swizzled panel)
+constexpr int kPanels = kHeadDim / 64;             // 9
+constexpr int kTileBytes = kPanels * kPanelBytes;  // 73728: 64 rows x 576 bf16
+constexpr int kStages = 2;
+constexpr int kRopePanel = 8;                      // panel of dims 512..575: holds P after QK^T
+constexpr int kQOff = 0;
+constexpr int kStageOff = kQOff + kTileBytes;
+constexpr int kMaxOff = kStageOff + kStages * kTileBytes;  // float [2][2][64]
+constexpr int kSumOff = kMaxOff + 2 * 2 * kBlockM * 4;     // float [2][64]
+constexpr int kBarOff = kSumOff + 2 * kBlockM * 4;         // uint64 full[2], empty[2]
+constexpr int kPlanOff = kBarOff + 2 * kStages * 8;        // int [32]
+constexpr int kSmemUsed = kPlanOff + 32 * 4;
+constexpr int kSmemBytes = kSmemUsed + 1024;               // slack to align the base to 1024
+static_assert(kSmemBytes <= 227 * 1024, "decode kernel exceeds the 227 KB shared memory limit");
+static_assert(kStageOff % 1024 == 0 && kTileBytes % 1024 == 0, "swizzle atoms need 1024 B alignment");
+
+constexpr int kConsumerWarps = 8;
+constexpr int kProducerRegs = 40;   // setmaxnreg: 128 x 40 + 256 x 232 = 64512 <= 65536
+constexpr int kConsumerRegs = 232;
+// Conditional rescale: the exponent base of a row moves only when its max grows by
+// more than this (log2 units, a factor 256); P <= 2^8 then, safe in bf16 and fp32.
+constexpr float kRescaleThreshold = 8.0f;
+constexpr float kLn2 = 0.69314718055994530942f;
+
+// Named barriers (0 is __syncthreads).
+constexpr int kBarMax = 1;    // both consumer WGs: row maxima of this tile exchanged
+constexpr int kBarP = 2;      // both consumer WGs: P of this tile in smem
+constexpr int kBarSeg = 3;    // both consumer WGs: segment boundaries (Q reload)
+constexpr int kBarEpi = 4;    // both consumer WGs: row sums exchanged
+constexpr int kBarWg = 5;     // 5 + w: one consumer WG (tail rows zeroed)
+
+namespace dev {
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---- mbarriers ----
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// ---- TMA ----
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// ---- fences and barriers ----
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
+// ---- wgmma ----
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across the
+// asynchronous wgmma boundary (issue .. wait).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands (rows of 64
+// dims = 128 B, 8-row atoms 1024 B apart): LBO unused (1), SBO 1024 B. Advancing the
+// start address by 32 B steps K by 16 inside an atom (the swizzle XOR is applied to
+// the absolute address, so the panels must be 1024-byte aligned).
+__device__ __forceinline__ uint64_t desc_k_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+// MN-major operand (V: keys are K, value dims are N): 64 N-contiguous values per
+// 128 B row, K rows 128 B apart, 8-row atoms 1024 B apart (SBO), the next 64 values
+// of N in the next panel, 8192 B away (LBO).
+__device__ __forceinline__ uint64_t desc_mn_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>(kPanelBytes >> 4) << 16) | (64ull << 32) | (1ull << 62);
+}
+
+// S[64 x 32] (+)= A[64 x 16] B[16 x 32]^T; A and B K-major in smem. The descriptors
+// are desc + kOff (kOff = byte offset / 16), added inside the asm so the compiler
+// cannot hoist 36 precomputed 64-bit descriptors into registers. scale_d = 0
+// overwrites the accumulator, 1 accumulates.
+template <int kOffA, int kOffB>
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "add.s64 da, %16, %19;\n"
+      "add.s64 db, %17, %20;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "da, db, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kOffA), "n"(kOffB));
+}
+
+// O[64 x 256] (+)= A[64 x 16] B[16 x 256]; A K-major, B MN-major ("transposed") in smem.
+template <int kOffA, int kOffB>
+__device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "add.s64 da, %128, %131;\n"
+      "add.s64 db, %129, %132;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "da, db, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kOffA), "n"(kOffB));
+}
+
+// ---- block-wide scan over the 12 warps of the CTA ----
+__device__ __forceinline__ int block_inclusive_scan(int v, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += n;
+  }
+  if (lane == 31) scratch[warp] = v;
+  __syncthreads();
+  int before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int s = scratch[w];
+    before += w < warp ? s : 0;
+    all += s;
+  }
+  __syncthreads();  // scratch may be rewritten by the next call
+  total = all;
+  return v + before;
+}
+
+// This CTA's share of the plan (see mla_decode_sm90.h).
+struct SlotRange {
+  int x0, x1;        // plan positions [x0, x1) owned by this slot
+  int per_slot;      // plan units per slot
+  int first_b;       // the sequence whose plan range holds x0
+  int first_start;   // its P_b
+  int capacity;      // block-table capacity in tokens (lengths are clamped to it)
+  int slot;          // this CTA's slot
+};
+
+struct SegIter {
+  int b;      // next sequence to look at
+  int start;  // its plan start P_b
+};
+
+// A maximal run of tiles of one sequence inside this slot.
+struct Segment {
+  int b;      // sequence
+  int len;    // keys of the sequence (clamped)
+  int tiles;  // ceil(len / 64)
+  int t0, t1; // tiles [t0, t1) of the sequence belong to this CTA
+  int start;  // the sequence's plan start P_b
+};
+
+// Next segment with at least one tile; producer and consumers walk identical lists.
+__device__ __forceinline__ bool next_segment(const MlaDecodeSm90Params& p, const SlotRange& sr,
+                                             SegIter& it, Segment& seg) {
+  while (it.b < p.batch && it.start < sr.x1) {
+    const int len = clamp_len(__ldg(p.seqlens + it.b), sr.capacity);
+    const int tiles = seq_tiles(len);
+    const int first_tile_pos = it.start + kSegmentOverhead;
+    const int t0 = max(sr.x0 - first_tile_pos, 0);
+    const int t1 = min(sr.x1 - first_tile_pos, tiles);
+    seg.b = it.b;
+    seg.len = len;
+    seg.tiles = tiles;
+    seg.t0 = t0;
+    seg.t1 = t1;
+    seg.start = it.start;
+    it.b += 1;
+    it.start += seq_cost(tiles);
+    if (t0 < t1) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------
+// Producer: one thread issues every TMA load of the CTA.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
+                                             const MlaDecodeSm90Params& p, const SlotRange& sr,
+                                             uint32_t smem_base) {
+  const int ps_log2 = p.page_size_log2;
+  const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;  // a box never crosses a page
+  const int box_rows = 1 << box_log2;
+  const uint32_t box_bytes = static_cast<uint32_t>(box_rows) * 128u;
+  const int page_mask = (1 << ps_log2) - 1;
+  const uint32_t bar_full0 = smem_base + kBarOff;
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  SegIter it{sr.first_b, sr.first_start};
+  Segment seg;
+  uint32_t iter = 0;
+  while (next_segment(p, sr, it, seg)) {
+    const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
+    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
+      const int stage = iter & 1;
+      const int key0 = t * kBlockN;
+      const int valid = min(kBlockN, seg.len - key0);
+      // Only pages holding keys < len are looked up and loaded; rows of the stage
+      // past `valid` keep stale data, which the consumers mask (S) and zero (V).
+      const int boxes = (valid + box_rows - 1) >> box_log2;
+      int cache_row[4];
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        cache_row[x] = 0;
+        if (x < boxes) {
+          const int key = key0 + (x << box_log2);
+          cache_row[x] = (__ldg(table + (key >> ps_log2)) << ps_log2) + (key & page_mask);
+        }
+      }
+      mbar_wait(bar_empty0 + stage * 8, ((iter >> 1) & 1) ^ 1);
+      const uint32_t full = bar_full0 + stage * 8;
+      mbar_arrive_expect_tx(full, static_cast<uint32_t>(boxes) * kPanels * box_bytes);
+      const uint32_t dst = smem_base + kStageOff + stage * kTileBytes;
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        if (x < boxes) {
+#pragma unroll
+          for (int c = 0; c < kPanels; ++c) {
+            tma_load_2d(dst + c * kPanelBytes + x * box_bytes, kv_map, c * 64, cache_row[x], full);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Consumers
+// ---------------------------------------------------------------------------------
+
+// Q rows of (sequence b, row block mb) into the Q panels, swizzled like TMA would;
+// rows past q_len * heads are zero. Called by the 256 consumer threads: thread
+// (row = ctid / 4, part = ctid % 4) moves 16-byte vectors part + 4k (k = 0..17) of
+// its row, so panel = k / 2 and chunk = part + 4 * (k % 2) (offsets are constants).
+__device__ __forceinline__ void load_q(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
+                                       int ctid) {
+  constexpr int kVecs = kHeadDim / 8 / 4;  // 18 vectors of 16 B per thread
+  const int row = ctid >> 2, part = ctid & 3;
+  const int r = mb * kBlockM + row;
+  const bool real = r < p.rows;
+  const uint4* src = nullptr;
+  if (real) {
+    const int i = r / p.heads, h = r - i * p.heads;
+    src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b +
+                                         i * p.q_stride_i + h * p.q_stride_h) + part;
+  }
+  uint8_t* dst_even = q_smem + row * 128 + ((part ^ (row & 7)) << 4);
+  uint8_t* dst_odd = q_smem + row * 128 + (((part + 4) ^ (row & 7)) << 4);
+  uint4 v[kVecs];
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) v[k] = real ? __ldg(src + 4 * k) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    *reinterpret_cast<uint4*>(((k & 1) ? dst_odd : dst_even) + (k >> 1) * kPanelBytes) = v[k];
+  }
+}
+
+// Keys a row may see: [0, limit). Rows past q_len * heads (padding of the last row
+// block) see the whole sequence; their results are discarded.
+__device__ __forceinline__ int row_limit(const MlaDecodeSm90Params& p, int len, int r) {
+  if (!p.causal || r >= p.rows) return len;
+  const int i = r / p.heads;
+  return min(len, len - p.q_len + 1 + i);
+}
+
+// Waits for a tile and, when it is the sequence's last partial tile, zeroes the value
+// rows of keys >= len in this warpgroup's four value panels: those rows hold another
+// page's tail, stale data or NaN, and P = 0 there would still give 0 * NaN = NaN.
+__device__ __forceinline__ void acquire_tile(uint8_t* smem, uint32_t smem_base, uint32_t iter, int valid,
+                                             int w, int wtid) {
+  const int stage = iter & 1;
+  mbar_wait(smem_base + kBarOff + stage * 8, (iter >> 1) & 1);
+  if (valid < kBlockN) {
+    uint8_t* tile = smem + kStageOff + stage * kTileBytes;
+    const int n = (kBlockN - valid) * 32;  // rows x 4 panels x 8 vectors of 16 B
+    for (int idx = wtid; idx < n; idx += 128) {
+      const int row = valid + (idx >> 5);
+      const int panel = 4 * w + ((idx >> 3) & 3);
+      *reinterpret_cast<uint4*>(tile + panel * kPanelBytes + row * 128 + ((idx & 7) << 4)) =
+          make_uint4(0u, 0u, 0u, 0u);
+    }
+    fence_proxy_async();  // generic stores -> read by wgmma (async proxy)
+    named_bar_sync(kBarWg + w, 128);
+  }
+}
+
+// Descriptor offsets (16-byte units) of k-step kk. QK^T: panel kk / 4, 32 bytes per
+// step inside the panel's 128-byte rows. PV: P advances 32 bytes inside its rows, V
+// advances 16 keys (2048 bytes).
+constexpr int qk_off(int kk) { return ((kk / 4) * kPanelBytes + (kk % 4) * 32) / 16; }
+constexpr int pv_off_p(int kk) { return kk * 32 / 16; }
+constexpr int pv_off_v(int kk) { return kk * 16 * 128 / 16; }
+
+template <int... kK>
+__device__ __forceinline__ void qk_steps(float (&s)[16], uint64_t dq, uint64_t dk,
+                                         std::integer_sequence<int, kK...>) {
+  (wgmma_m64n32k16_ss<qk_off(kK), qk_off(kK)>(s, dq, dk, kK > 0 ? 1 : 0), ...);
+}
+template <int... kK>
+__device__ __forceinline__ void pv_steps(float (&o)[128], uint64_t dp, uint64_t dv,
+                                         std::integer_sequence<int, kK...>) {
+  (wgmma_m64n256k16_ss_tb<pv_off_p(kK), pv_off_v(kK)>(o, dp, dv, 1), ...);
+}
+
+// S = Q K_w^T over 576 dims: 36 k-steps of 16, issued asynchronously (one group).
+__device__ __forceinline__ void issue_qk(float (&s)[16], uint32_t q_addr, uint32_t stage_addr, int w) {
+  const uint64_t dq = desc_k_sw128(q_addr);
+  const uint64_t dk = desc_k_sw128(stage_addr + w * 32 * 128);  // keys 32w .. 32w + 31
+  wgmma_fence();
+  qk_steps(s, dq, dk, std::make_integer_sequence<int, kHeadDim / 16>{});
+  wgmma_commit();
+}
+
+// O_w += P V_w: P [64 rows x 64 keys] from the rope panel, V_w = value dims
+// [256w, 256w + 256) of the tile: 4 k-steps of 16 keys (one group).
+__device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t stage_addr, int w) {
+  const uint64_t dp = desc_k_sw128(stage_addr + kRopePanel * kPanelBytes);
+  const uint64_t dv = desc_mn_sw128(stage_addr + 4 * w * kPanelBytes);
+  wgmma_fence();
+  pv_steps(o, dp, dv, std::make_integer_sequence<int, kBlockN / 16>{});
+  wgmma_commit();
+}
+
+// Writes one row of this warpgroup's 256 output values; kE selects the row of the
+// accumulator fragment (0: row0, 2: row0 + 8).
+template <int kE>
+__device__ __forceinline__ void store_row_bf16(__nv_bfloat16* dst, const float (&o)[128], float inv,
+                                               int quad) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(o[4 * j + kE] * inv, o[4 * j + kE + 1] * inv);
+    *reinterpret_cast<__nv_bfloat162*>(dst + 8 * j + 2 * quad) = v;
+  }
+}
+template <int kE>
+__device__ __forceinline__ void store_row_f32(float* dst, const float (&o)[128], float inv, int quad) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    *reinterpret_cast<float2*>(dst + 8 * j + 2 * quad) =
+        make_float2(o[4 * j + kE] * inv, o[4 * j + kE + 1] * inv);
+  }
+}
+
+__device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const SlotRange& sr,
+                                             uint8_t* smem, uint32_t smem_base, int mb) {
+  const int ctid = threadIdx.x - 128;  // 0 .. 255
+  const int w = ctid >> 7;             // consumer warpgroup: keys 32w.., value dims 256w..
+  const int wtid = ctid & 127;
+  const int lane = ctid & 31;
+  const int quad = lane & 3;
+  // wgmma accumulator fragment: this thread holds rows row0 and row0 + 8, columns
+  // 8j + 2 * quad + {0, 1} of every 8-column group j.
+  const int row0 = ((wtid >> 5) << 4) + (lane >> 2);
+  const int row1 = row0 + 8;
+  const uint32_t q_addr = smem_base + kQOff;
+  const uint32_t bar_empty0 = smem_base + kBarOff + kStages * 8;
+  float* smax = reinterpret_cast<float*>(smem + kMaxOff);
+  float* ssum = reinterpret_cast<float*>(smem + kSumOff);
+  const float ninf = neg_inf();
+
+  float o[128];
+  float s[16];
+  SegIter it{sr.first_b, sr.first_start};
+  Segment seg;
+  uint32_t iter = 0;
+  while (next_segment(p, sr, it, seg)) {
+    // Both warpgroups are done with the previous segment's Q (all wgmma waited).
+    named_bar_sync(kBarSeg, 256);
+    load_q(p, seg.b, mb, smem + kQOff, ctid);
+    fence_proxy_async();
+    named_bar_sync(kBarSeg, 256);
+
+    const int lim0 = row_limit(p, seg.len, mb * kBlockM + row0);
+    const int lim1 = row_limit(p, seg.len, mb * kBlockM + row1);
+    // Tiles reaching past mask_from may hold keys some row must not see.
+    const int mask_from = seg.len - (p.causal ? p.q_len - 1 : 0);
+    float m0 = ninf, m1 = ninf;  // exponent base of each row (log2 domain), -inf: none yet
+    float l0 = 0.f, l1 = 0.f;    // this thread's part of each row's sum of P
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+
+    acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
+    issue_qk(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
+
+    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
+      const int stage = iter & 1;
+      const uint32_t stage_addr = smem_base + kStageOff + stage * kTileBytes;
+      uint8_t* stage_ptr = smem + kStageOff + stage * kTileBytes;
+      // In flight: PV(t-1) (if any), then QK(t). Groups retire in order.
+      wgmma_wait<1>();
+      fence_regs(o);
+      if (t > seg.t0 && lane == 0) mbar_arrive(bar_empty0 + (stage ^ 1) * 8);  // tile t-1 consumed
+      wgmma_wait<0>();
+      fence_regs(s);
+
+      // Scores to the log2 domain; masked keys become -inf before any exp.
+      const int key0 = t * kBlockN;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) s[i] *= p.scale_log2;
+      if (key0 + kBlockN > mask_from) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = key0 + 32 * w + 8 * j + 2 * quad + e;
+            s[4 * j + e] = key < lim0 ? s[4 * j + e] : ninf;
+            s[4 * j + 2 + e] = key < lim1 ? s[4 * j + 2 + e] : ninf;
+          }
+        }
+      }
+      float mx0 = ninf, mx1 = ninf;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      float* mbuf = smax + (iter & 1) * 2 * kBlockM;
+      if (quad == 0) {
+        mbuf[w * kBlockM + row0] = mx0;
+        mbuf[w * kBlockM + row1] = mx1;
+      }
+      named_bar_sync(kBarMax, 256);  // also: both warpgroups' QK(t) are complete
+      mx0 = fmaxf(mx0, mbuf[(w ^ 1) * kBlockM + row0]);
+      mx1 = fmaxf(mx1, mbuf[(w ^ 1) * kBlockM + row1]);
+
+      // Conditional rescale: both warpgroups see the same maxima and make the same
+      // decision, so their P share one base per row.
+      const bool up0 = mx0 > m0 + kRescaleThreshold;  // false while mx0 = -inf
+      const bool up1 = mx1 > m1 + kRescaleThreshold;
+      float alpha0 = 1.f, alpha1 = 1.f;
+      if (up0) {
+        alpha0 = exp2_approx(m0 - mx0);  // m0 = -inf -> 0 (O and l are still 0)
+        m0 = mx0;
+      }
+      if (up1) {
+        alpha1 = exp2_approx(m1 - mx1);
+        m1 = mx1;
+      }
+      const float base0 = m0 == ninf ? 0.f : m0;  // a row with no key yet: exp2(-inf - 0) = 0
+      const float base1 = m1 == ninf ? 0.f : m1;
+      float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[4 * j + e] = exp2_approx(s[4 * j + e] - base0);
+          s[4 * j + 2 + e] = exp2_approx(s[4 * j + 2 + e] - base1);
+          sum0 += s[4 * j + e];
+          sum1 += s[4 * j + 2 + e];
+        }
+      }
+      l0 = l0 * alpha0 + sum0;
+      l1 = l1 * alpha1 + sum1;
+
+      // P (bf16) over the rope panel: row r at r * 128, key k in 16-byte chunk k / 8
+      // XOR (r % 8), the 128B swizzle wgmma expects for a K-major operand.
+      {
+        uint8_t* pp = stage_ptr + kRopePanel * kPanelBytes;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int chunk = 4 * w + j;
+          const int off0 = row0 * 128 + ((chunk ^ (row0 & 7)) << 4) + quad * 4;
+          const int off1 = off0 + 8 * 128;  // row1 = row0 + 8: same swizzle phase
+          *reinterpret_cast<__nv_bfloat162*>(pp + off0) = __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
+          *reinterpret_cast<__nv_bfloat162*>(pp + off1) = __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
+        }
+      }
+      // Rescale O only in warps where some row moved its base (PV(t-1) retired above).
+      if (__any_sync(0xffffffffu, up0 || up1)) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j] *= alpha0;
+          o[4 * j + 1] *= alpha0;
+          o[4 * j + 2] *= alpha1;
+          o[4 * j + 3] *= alpha1;
+        }
+      }
+      fence_proxy_async();         // P stores -> read by wgmma
+      named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem
+      issue_pv(o, stage_addr, w);
+
+      // Next tile's QK^T queues behind PV(t) on the tensor cores.
+      if (t + 1 < seg.t1) {
+        acquire_tile(smem, smem_base, iter + 1, seg.len - (t + 1) * kBlockN, w, wtid);
+        issue_qk(s, q_addr, smem_base + kStageOff + ((iter + 1) & 1) * kTileBytes, w);
+      }
+    }
+    wgmma_wait<0>();
+    fence_regs(o);
+    if (lane == 0) mbar_arrive(bar_empty0 + ((iter - 1) & 1) * 8);
+
+    // Row sums: this thread's part -> quad -> both warpgroups.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (quad == 0) {
+      ssum[w * kBlockM + row0] = l0;
+      ssum[w * kBlockM + row1] = l1;
+    }
+    named_bar_sync(kBarEpi, 256);
+    l0 += ssum[(w ^ 1) * kBlockM + row0];
+    l1 += ssum[(w ^ 1) * kBlockM + row1];
+    // A row that saw no key: l = 0 -> out 0, lse -inf.
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : ninf;
+    const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : ninf;
+    const int r0 = mb * kBlockM + row0, r1 = mb * kBlockM + row1;
+    const int64_t seq_row = static_cast<int64_t>(seg.b) * p.rows;
+    if (seg.t0 == 0 && seg.t1 == seg.tiles) {  // the whole sequence: final result
+      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + 256 * w;
+      if (r0 < p.rows) store_row_bf16<0>(out + (seq_row + r0) * kHeadDimV, o, inv0, quad);
+      if (r1 < p.rows) store_row_bf16<2>(out + (seq_row + r1) * kHeadDimV, o, inv1, quad);
+      if (w == 0 && quad == 0) {
+        if (r0 < p.rows) p.lse[seq_row + r0] = lse0;
+        if (r1 < p.rows) p.lse[seq_row + r1] = lse1;
+      }
+    } else {  // one split: normalised fp32 partial, merged by the combine kernel
+      const int64_t part_row = static_cast<int64_t>(partial_index(sr.slot, seg.start, sr.per_slot)) * p.rows;
+      float* out = p.ws_out + 256 * w;
+      if (r0 < p.rows) store_row_f32<0>(out + (part_row + r0) * kHeadDimV, o, inv0, quad);
+      if (r1 < p.rows) store_row_f32<2>(out + (part_row + r1) * kHeadDimV, o, inv1, quad);
+      if (w == 0 && quad == 0) {
+        if (r0 < p.rows) p.ws_lse[part_row + r0] = lse0;
+        if (r1 < p.rows) p.ws_lse[part_row + r1] = lse1;
+      }
+    }
+  }
+}
+
+}  // namespace dev
+
+// grid = slots * m_blocks (blockIdx.x = slot * m_blocks + mb: the row blocks of one
+// key range run side by side and share the tiles in L2), 384 threads, kSmemBytes.
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_sm90_kernel(const __grid_constant__ CUtensorMap kv_map,
+                           const __grid_constant__ MlaDecodeSm90Params p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw_base = dev::smem_u32(smem_raw);
+  const uint32_t pad = (1024u - (raw_base & 1023u)) & 1023u;
+  uint8_t* smem = smem_raw + pad;
+  const uint32_t smem_base = raw_base + pad;
+  const int tid = threadIdx.x;
+  const int mb = blockIdx.x % p.m_blocks;
+  const int slot = blockIdx.x / p.m_blocks;
+  int* scratch = reinterpret_cast<int*>(smem + kPlanOff);
+
+  // ---- The plan, from cache_seqlens (all threads) ----
+  dev::SlotRange sr;
+  sr.slot = slot;
+  sr.capacity = p.max_pages << p.page_size_log2;
+  int mine = 0;
+  for (int b = tid; b < p.batch; b += kThreads) {
+    mine += seq_cost(seq_tiles(clamp_len(__ldg(p.seqlens + b), sr.capacity)));
+  }
+  int total;
+  dev::block_inclusive_scan(mine, scratch, total);
+  sr.per_slot = cost_per_slot(total, p.slots);
+  sr.x0 = slot * sr.per_slot;
+  if (sr.x0 >= total) return;  // nothing for this slot (uniform across the CTA)
+  sr.x1 = min(sr.x0 + sr.per_slot, total);
+  // The sequence holding position x0: scan the costs in chunks of 384 sequences.
+  int running = 0;
+  for (int base = 0; base < p.batch; base += kThreads) {
+    const int b = base + tid;
+    const int c = b < p.batch ? seq_cost(seq_tiles(clamp_len(__ldg(p.seqlens + b), sr.capacity))) : 0;
+    int chunk_total;
+    const int start = running + dev::block_inclusive_scan(c, scratch, chunk_total) - c;
+    if (c > 0 && start <= sr.x0 && sr.x0 < start + c) {
+      scratch[16] = b;
+      scratch[17] = start;
+    }
+    running += chunk_total;
+    if (running > sr.x0) break;  // uniform: running is a block-wide value
+  }
+  if (tid == 0) {
+    const uint32_t bars = smem_base + kBarOff;
+    for (int s = 0; s < kStages; ++s) {
+      dev::mbar_init(bars + s * 8, 1);                                // full: producer's expect_tx
+      dev::mbar_init(bars + (kStages + s) * 8, kConsumerWarps);       // empty: one per consumer warp
+    }
+    dev::fence_barrier_init();
+    dev::prefetch_tensormap(&kv_map);
+  }
+  __syncthreads();
+  sr.first_b = scratch[16];
+  sr.first_start = scratch[17];
+
+  if (tid < 128) {
+    dev::setmaxnreg_dec<kProducerRegs>();
+    if (tid == 0) dev::run_producer(&kv_map, p, sr, smem_base);
+  } else {
+    dev::setmaxnreg_inc<kConsumerRegs>();
+    dev::run_consumer(p, sr, smem, smem_base, mb);
+  }
+}
+
+}  // namespace tokenspeed::mla_sm90

@@ -1,0 +1,27 @@
+"""Portable Triton backends. Importing this package does not import Triton: the kernels
+load lazily through the registry ("module:attr"), so a missing or broken Triton shows up
+with its own error when the backend is selected, not at ``import tokenspeed_kernels``."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenspeed_kernels import registry
+from tokenspeed_kernels.registry import Capability, Priority
+
+# Triton's tl.dot on bf16 needs mma (sm_80+); Hopper runs the same code.
+NVIDIA_AMPERE_PLUS = Capability(frozenset({"nvidia"}), min_cc=(8, 0))
+
+
+def register_triton_kernels() -> None:
+    """Register every Triton kernel with the registry (idempotent: re-registering replaces)."""
+    registry.register(
+        "mla_decode",
+        "triton",
+        "tokenspeed_kernels.triton.mla_decode:mla_decode",
+        capability=NVIDIA_AMPERE_PLUS,
+        dtypes=(torch.bfloat16, torch.float16),
+        traits={"page_size": {16, 32, 64, 128}, "q_len": range(1, 9), "head_dim": {576}},
+        priority=Priority.PORTABLE,
+        description="Triton split-KV paged MLA decode (device-side splits, LSE combine)",
+    )
