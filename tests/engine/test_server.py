@@ -114,7 +114,7 @@ def test_bad_chat_requests_get_400(served, body, pattern) -> None:
 def test_unknown_model_and_oversized_body(served) -> None:
     _, bg = served
     r = httpx.post(bg.url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"})
-    assert r.status_code == 404 and r.json()["error"]["type"] == "model_not_found"
+    assert r.status_code == 400 and r.json()["error"]["type"] == "model_not_found"
     r = httpx.post(bg.url + "/v1/completions", json={"prompt": "x" * 100_000})
     assert r.status_code == 413
     assert httpx.get(bg.url + "/health").json() == {"status": "ok"}  # still alive

@@ -82,7 +82,9 @@ class OpenAIServer:
         self.created = int(time.time())
 
     # ---- request plumbing --------------------------------------------------------
-    async def read_json(self, request: Request) -> dict:
+    async def read_json(self, request: Request, check_model: bool = True) -> dict:
+        """The body as a JSON object under the size limit; ``check_model`` rejects another model's name
+        (off for SGLang's /generate, which has no model field and to which smg adds "unknown")."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise APIError(413, f"request body over {self.max_body_bytes} bytes", kind="request_too_large")
@@ -98,8 +100,9 @@ class OpenAIServer:
         if not isinstance(body, dict):
             raise APIError(400, "the JSON body must be an object")
         model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise APIError(404 if isinstance(model, str) else 400, f"model '{model}' does not exist", "model",
+        if check_model and model is not None and model != self.model_name:
+            # 400 for every bad request field, an unknown model included (the contract of issue 12)
+            raise APIError(400, f"model '{model}' does not exist; this server serves '{self.model_name}'", "model",
                            "model_not_found")
         return body
 

@@ -214,23 +214,6 @@ def server_info(server: OpenAIServer, info: WorkerInfo) -> dict[str, Any]:
 
 
 # ---- SGLang's native /generate --------------------------------------------------------------
-async def read_native_json(server: OpenAIServer, request: Request) -> dict:
-    """The body as a JSON object, under the server's size limit. Unlike the OpenAI routes this
-    ignores ``model``: SGLang's /generate has none, and smg fills in ``"model": "unknown"``."""
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > server.max_body_bytes:
-            raise APIError(413, f"request body over {server.max_body_bytes} bytes", kind="request_too_large")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"malformed JSON body: {exc}") from exc
-    if not isinstance(body, dict):
-        raise APIError(400, "the JSON body must be an object")
-    return body
-
-
 async def _first(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
     try:
         return await stream.__anext__()
@@ -353,7 +336,7 @@ def add_worker_routes(app: FastAPI, server: OpenAIServer) -> None:
 
     @app.post("/generate")
     async def generate_route(request: Request) -> Response:
-        return await generate(server, await read_native_json(server, request))
+        return await generate(server, await server.read_json(request, check_model=False))
 
     @app.get("/health_generate")
     async def health_generate_route() -> Response:
