@@ -140,8 +140,11 @@ def test_builtin_ops_on_fake_devices() -> None:
 
     for op in ("mla_decode", "mla_prefill", "merge_attn_states", "moe_route", "fused_moe"):
         assert registry.select(op, CPU, torch.float32).backend == "native_cpu"
-    for op in ("mla_prefill", "moe_route", "fused_moe"):  # no GPU kernel yet: the torch reference serves
-        assert registry.select(op, B200, torch.bfloat16).backend == "reference"
+    for op in ("mla_prefill", "moe_route", "fused_moe"):  # portable Triton kernels serve any sm80+ GPU
+        assert registry.select(op, B200, torch.bfloat16).backend == "triton"
+        assert registry.select(op, A100, torch.bfloat16).backend == "triton"
+    assert registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128).backend == "triton"
+    assert registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=576, head_dim_v=512).backend == "reference"
     deepseek = dict(page_size=64, heads=16, q_len=2, head_dim=576)
     cuda_built = tokenspeed_kernels.build_info()["cuda"]
     assert registry.select("mla_decode", H100, torch.bfloat16, **deepseek).backend == ("cuda_sm90" if cuda_built else "triton")

@@ -22,9 +22,11 @@ def _device_info(device: torch.device) -> registry.DeviceInfo:
     return registry.DeviceInfo.of(device)
 
 
-def kernel(op: str, like: torch.Tensor) -> Callable[..., Any]:
-    """The registry's choice of ``op`` for tensors like ``like`` (its device and dtype)."""
+def kernel(op: str, like: torch.Tensor, **traits: Any) -> Callable[..., Any]:
+    """The registry's choice of ``op`` for tensors like ``like`` (its device and dtype) and the
+    call's shape ``traits`` (e.g. page_size, heads, q_len), so a kernel that cannot take the
+    shape is refused up front and the next best one serves."""
     device = like.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return registry.select(op, device=_device_info(device), dtype=like.dtype)
+    return registry.select(op, device=_device_info(device), dtype=like.dtype, **traits)

@@ -84,7 +84,7 @@ class DeepseekV3Attention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out, _ = kernel("mla_prefill", q)(
+        out, _ = kernel("mla_prefill", q, head_dim_qk=q.shape[-1], head_dim_v=self.v_dim)(
             q,
             k,
             v.contiguous(),
@@ -102,7 +102,8 @@ class DeepseekV3Attention(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # absorb W_UK into the query
         q = torch.cat([q_latent, q_pe], dim=-1).view(batch.batch_size, batch.q_len, self.heads, -1)
-        out, _ = kernel("mla_decode", q)(
+        traits = dict(page_size=cache.shape[1], heads=self.heads, q_len=batch.q_len, head_dim=q.shape[-1])
+        out, _ = kernel("mla_decode", q, **traits)(
             q, cache, batch.block_table, batch.seq_lens, self.scaling, True, self.kv_lora_rank
         )
         return torch.einsum("thl,hvl->thv", out.reshape(-1, self.heads, self.kv_lora_rank), w_uv)

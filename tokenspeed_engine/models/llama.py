@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
         write_paged_kv(k_cache, batch.out_cache_loc, k)
         write_paged_kv(v_cache, batch.out_cache_loc, v.view(T, self.kv_heads, hd))
         k_all, v_all = gather_paged_kv(k_cache, batch.kv_slots), gather_paged_kv(v_cache, batch.kv_slots)
-        out, _ = kernel("mla_prefill", q)(
+        out, _ = kernel("mla_prefill", q, head_dim_qk=hd, head_dim_v=hd)(
             q,
             k_all,
             v_all,

@@ -25,3 +25,31 @@ def register_triton_kernels() -> None:
         priority=Priority.PORTABLE,
         description="Triton split-KV paged MLA decode (device-side splits, LSE combine)",
     )
+    registry.register(
+        "mla_prefill",
+        "triton",
+        "tokenspeed_kernels.triton.mla_prefill:mla_prefill",
+        capability=NVIDIA_AMPERE_PLUS,
+        dtypes=(torch.bfloat16, torch.float16),
+        traits={"head_dim_qk": {64, 128, 192}, "head_dim_v": {64, 128}},
+        priority=Priority.PORTABLE,
+        description="Triton FA2-style ragged prefill (GQA, causal bottom-right, heaviest q tiles first)",
+    )
+    registry.register(
+        "moe_route",
+        "triton",
+        "tokenspeed_kernels.triton.moe_route:moe_route",
+        capability=NVIDIA_AMPERE_PLUS,
+        dtypes=(torch.bfloat16, torch.float16, torch.float32),  # the router logits' dtype
+        priority=Priority.PORTABLE,
+        description="Triton one-kernel routing (sigmoid + bias + groups, or softmax; exact top-k ties)",
+    )
+    registry.register(
+        "fused_moe",
+        "triton",
+        "tokenspeed_kernels.triton.fused_moe:fused_moe",
+        capability=NVIDIA_AMPERE_PLUS,
+        dtypes=(torch.bfloat16, torch.float16),  # activations; weights in that dtype or fp8 e4m3 block-scaled
+        priority=Priority.PORTABLE,
+        description="Triton device-aligned grouped GEMMs (fused SwiGLU, fp8 block scales, deterministic combine)",
+    )

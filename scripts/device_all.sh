@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call that verifies everything GPU-side, each part time-boxed so a hang (e.g. a
+# barrier bug in a new kernel) cannot eat the call: build, the device-image throw probe, all
+# gpu/sm90 tests file by file, then the MLA decode benchmark. Carry .whl and .whl-fi.
+# Usage: bash scripts/device_all.sh tests          (build, probe, every GPU test file; < 10 min)
+#        bash scripts/device_all.sh bench [quick|all]  (the MLA decode benchmark)
+# Logs land in $OUT (one file per part); a summary table prints last.
+source "$(dirname "$0")/device_env.sh"
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if compgen -G ".whl-fi/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-fi-installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-fi/*.whl
+  touch /tmp/site/.ts-fi-installed
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+ts_build || exit 1
+declare -a SUMMARY
+part() {  # part NAME SECONDS CMD...: run with a timeout, log to $OUT/NAME.log, remember the outcome
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS rc=0
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  local last; last=$(grep -E "passed|failed|error" "$OUT/$name.log" | tail -n 1)
+  SUMMARY+=("$(printf '%-28s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "${last:0:90}")")
+}
+phase=${1:-tests}
+if [ "$phase" = tests ]; then
+part smoke 60 python3 scripts/device_smoke.py
+part throw_probe 120 bash scripts/dev/throw_probe3.sh
+for f in tests/kernels/test_merge_attn_states_cuda.py tests/kernels/test_mla_decode_sm90.py \
+         tests/kernels/test_mla_decode_triton.py tests/kernels/test_mla_prefill_triton.py tests/kernels/test_moe_triton.py; do
+  [ -f "$f" ] || continue
+  part "$(basename "$f" .py)" 90 python3 -m pytest -q -x -m "gpu or sm90" -p no:cacheprovider "$f"
+done
+else
+part bench_mla_decode 500 python3 benchmarks/bench_mla_decode.py --shapes "${2:-quick}" --json "$OUT/mla_decode_bench.json"
+tail -n 30 "$OUT/bench_mla_decode.log"
+fi
+printf '%s\n' "${SUMMARY[@]}"

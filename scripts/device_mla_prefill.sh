@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# MLA prefill on the device: FlashInfer wheels, build, GPU tests of the Triton backend, then
+# the benchmark (our backends beside FlashInfer 0.5.3 fa3 ragged prefill and torch SDPA).
+# Carry .whl and .whl-fi. Extra arguments go to the benchmark (e.g. --cases 0,2, --sweep).
+# Logs and the JSON land in $OUT (./out outside the device tool); the table prints last.
+source "$(dirname "$0")/device_env.sh"
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if compgen -G ".whl-fi/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-fi-installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-fi/*.whl
+  touch /tmp/site/.ts-fi-installed
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+ts_build
+
+tests_rc=0
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_mla_prefill_triton.py > "$OUT/mla_prefill_tests.log" 2>&1 || tests_rc=$?
+tail -n 25 "$OUT/mla_prefill_tests.log"
+echo "gpu tests exit code: $tests_rc"
+
+bench_rc=0
+python3 benchmarks/bench_mla_prefill.py --json "$OUT/mla_prefill_bench.json" "$@" > "$OUT/mla_prefill_bench.log" 2>&1 || bench_rc=$?
+grep -v "^  sweep" "$OUT/mla_prefill_bench.log" | tail -n 40
+echo "benchmark exit code: $bench_rc"
+exit $((tests_rc || bench_rc))
