@@ -19,7 +19,7 @@ part() {  # part NAME SECONDS CMD...: run with a timeout, log to $OUT/NAME.log, 
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS rc=0
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
-  local last; last=$(grep -E "passed|failed|error" "$OUT/$name.log" | tail -n 1)
+  local last; last=$(grep -E "passed|failed|error|PASS|FAIL" "$OUT/$name.log" | tail -n 1 || true)
   SUMMARY+=("$(printf '%-28s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "${last:0:90}")")
 }
 phase=${1:-tests}
