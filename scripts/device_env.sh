@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
+# The image sets CXX=/opt/gcc/bin/g++; extensions built with it segfault on any ostream
+# number insertion (scripts/dev/link_probe.sh). The system g++ 13 matches the runtime libstdc++.
+export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -12,7 +15,7 @@ fi
 export PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}"
 ts_build() {
   local t0=$SECONDS
-  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace --build-temp .devbuild/temp \
+  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace --build-temp .devbuild/temp-syscxx \
     > .devbuild.log 2>&1 || { tail -60 .devbuild.log; return 1; }
   echo "build: $((SECONDS - t0)) s"
 }
