@@ -66,7 +66,7 @@ struct MlaDecodeSm90Params {
   int max_pages;                // block_table.shape[1]; lengths are clamped to its capacity
   int page_size_log2;           // log2(page_size), kMinPageLog2 .. kMaxPageLog2
   int causal;                   // 1: query i sees keys < L - q_len + i + 1 (bottom-right)
-  int combine_dsplit;           // combine kernel: 1 or 4 CTAs per row (512 / dsplit dims each)
+  int combine_dsplit;           // combine kernel: 1 (a warp per row, 512 dims) or 4 (a block per row and 128 dims)
 };
 
 // ---- The plan: integer arithmetic shared by host, decode and combine kernels ----

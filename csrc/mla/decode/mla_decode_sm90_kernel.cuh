@@ -661,6 +661,9 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_sm90_kernel(const __grid_constant__ CUtensorMap kv_map,
                            const __grid_constant__ MlaDecodeSm90Params p) {
+  // Let the combine kernel (launched with programmatic stream serialization) be scheduled
+  // as soon as SMs free up; it waits (griddepcontrol.wait) before reading our results.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_base = dev::smem_u32(smem_raw);
   const uint32_t pad = (1024u - (raw_base & 1023u)) & 1023u;
