@@ -7,11 +7,14 @@ recomputes the same positions with an fp32 full causal forward through Hugging F
 transformers' DeepSeek-V3 modules, built layer by layer from the same weights (no tokenspeed
 op runs there), and prints a table.
 
-fp32 must match tightly. bf16 is a precision report: a random MoE model routes tokens on
-near-equal scores, so bf16 rounding flips some expert choices and the difference compounds
-over 27 layers; the table counts those flips in the prefill (top-k sets that differ from the
-reference's, over all MoE layers). bf16 fails only on a gross mismatch or when it diverges
-with no routing flip to explain it. Exit status 1 on failure.
+fp32 must match tightly. bf16: a random MoE model routes tokens on near-equal scores, so
+bf16 rounding flips some expert choices and a free-running fp32 reference diverges over 27
+layers (the table counts those flips in the prefill). So for bf16 the reference is, by
+default, teacher-forced onto our routing: its router keeps its own fp32 scores but takes the
+expert ids our model chose for each token and layer (weights = its sigmoid scores at those
+ids, normalised and scaled as usual). What remains is bf16 rounding, which must be small:
+rel err < 5e-2, cosine > 0.995, same top-1 unless the reference's top-2 margin is within our
+error. `--free-routing` gives the old free-running report. Exit status 1 on failure.
 
     python scripts/check_model_device.py                      # cuda, fp32 then bf16, 27 layers
     python scripts/check_model_device.py --device cpu --layers 2 --dtypes float32   # a quick dry run
@@ -82,31 +85,37 @@ def check(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) ->
         )
     )
     c, n = config, args.prompt_len
-    ours_ids: dict[int, torch.Tensor] = {}
+    ours_calls: dict[int, list[torch.Tensor]] = {}  # layer -> expert ids of each forward, in order
     hooks = []
     for i, layer in enumerate(model.model.layers):
         if hasattr(layer.mlp, "gate"):
 
             def record(mod, _args, logits, i=i):
-                if i not in ours_ids:  # the prefill
-                    ids = moe_route_ref(
-                        logits.float(),
-                        c.num_experts_per_tok,
-                        c.scoring_func,
-                        mod.e_score_correction_bias,
-                        c.n_group,
-                        c.topk_group,
-                    )[1]
-                    ours_ids[i] = ids.sort(-1).values
+                ids = moe_route_ref(
+                    logits.float(), c.num_experts_per_tok, c.scoring_func, mod.e_score_correction_bias, c.n_group, c.topk_group
+                )[1]
+                ours_calls.setdefault(i, []).append(ids)
 
             hooks.append(layer.mlp.gate.register_forward_hook(record))
     ref_ids: dict[int, torch.Tensor] = {}
+    force = dtype != torch.float32 and not args.free_routing
 
     def hook_reference(i: int, layer: torch.nn.Module) -> None:
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(
-                lambda _m, _a, out, i=i: ref_ids.__setitem__(i, out[2][:n].sort(-1).values)
-            )
+        if not hasattr(layer.mlp, "gate"):
+            return
+
+        def on_gate(mod, _args, out, i=i):
+            ref_ids[i] = out[2][:n].sort(-1).values
+            if not force:
+                return None
+            router_logits = out[0]
+            ids = torch.cat(ours_calls[i]).to(router_logits.device, torch.long)  # a row per token position
+            w = router_logits.sigmoid().gather(1, ids)
+            if mod.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return router_logits, w * mod.routed_scaling_factor, ids
+
+        layer.mlp.gate.register_forward_hook(on_gate)
 
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
@@ -117,6 +126,7 @@ def check(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) ->
         t = time.perf_counter()
         ref = hf_reference_logits(model, tokens, torch.float32, on_layer=hook_reference)[n - 1 :]
         took = time.perf_counter() - t
+    ours_ids = {i: calls[0].sort(-1).values for i, calls in ours_calls.items()}  # the prefill
     by_layer = [int((ours_ids[i].to(ref_ids[i].device) != ref_ids[i]).any(-1).sum()) for i in sorted(ref_ids)]
     flips, choices = sum(by_layer), sum(v.shape[0] for v in ref_ids.values())
     print(f"fp32 reference (transformers, layer by layer) over {len(tokens)} tokens: {took:.1f} s")
@@ -124,6 +134,8 @@ def check(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) ->
         f"prefill routing: {flips} of {choices} token-layer expert sets differ from the reference's; "
         f"by MoE layer (of {n} tokens each): {by_layer}"
     )
+    if force:
+        print("bf16 check: the reference is teacher-forced onto our expert ids (see the docstring)")
 
     strict = dtype == torch.float32
     tol = args.tol or (1e-3 if strict else 5e-2)
@@ -134,13 +146,17 @@ def check(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) ->
         cos = float(torch.nn.functional.cosine_similarity(a, r, dim=0))
         top_a, top_r = int(a.argmax()), int(r.argmax())
         margin = float(r.topk(2).values.diff().abs())  # a top-1 swap within our error is no error
-        close = rel < tol and cos > 0.999 and (top_a == top_r or margin < 2 * float((a - r).abs().max()))
-        ok = close if strict else (cos > 0.5 and (close or flips > 0))
+        min_cos = 0.999 if strict else 0.995
+        close = rel < tol and cos > min_cos and (top_a == top_r or margin < 2 * float((a - r).abs().max()))
+        ok = close if (strict or force) else (cos > 0.5 and (close or flips > 0))
         passed &= ok
         mode = "prefill" if i == 0 else "decode"
         verdict = "yes" if ok else "NO"
         print(f"{i:>4} {mode:7} {times[i] * 1e3:8.1f} {top_a:>10} {top_r:>9} {rel:9.2e} {cos:9.6f}  {verdict}")
-    rule = f"rel err < {tol:g}, cosine > 0.999" if strict else "cosine > 0.5; close unless routing flipped"
+    if strict or force:
+        rule = f"rel err < {tol:g}, cosine > {min_cos}" + ("" if strict else ", routing teacher-forced")
+    else:
+        rule = "free routing: cosine > 0.5; close unless routing flipped"
     print(f"{dtype}: {'PASSED' if passed else 'FAILED'} ({rule})")
     del model
     gc.collect()
@@ -158,6 +174,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--free-routing", action="store_true", help="bf16: do not teacher-force the reference's routing")
     ap.add_argument("--tol", type=float, default=None, help="max |ours - ref| / max |ref| (default by dtype)")
     args = ap.parse_args()
     device = torch.device(args.device)
