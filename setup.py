@@ -100,6 +100,8 @@ def _kernel_extension():
         nvcc.append(f"-gencode=arch=compute_{a},code=sm_{a}")
     if env.flag(env.PTXAS_VERBOSE):
         nvcc += ["-Xptxas", "-v"]
+    if env.flag(env.MLA_TRACE):  # timeline printf in the sm90 MLA decode (scripts/dev/mla_trace.py)
+        nvcc += ["-DTS_MLA_TRACE"]
     site = sysconfig.get_paths()["purelib"]
     extra = [os.path.join(site, "nvidia", "cu13", "include"), os.path.join(CUDA_HOME, "include", "cccl")]
     include_dirs += [d for d in extra + _cutlass_includes() if os.path.isdir(d)]

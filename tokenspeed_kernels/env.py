@@ -12,6 +12,7 @@ import os
 CUDA_ARCHS = "TOKENSPEED_CUDA_ARCHS"  # ";"-separated, e.g. "90a" (default) or "90a;100a"; "none" = no CUDA
 CUTLASS_HOME = "CUTLASS_HOME"  # CUTLASS checkout; default: headers of the nvidia-cutlass wheel
 PTXAS_VERBOSE = "TOKENSPEED_PTXAS_VERBOSE"  # "1": print registers / spills per kernel
+MLA_TRACE = "TOKENSPEED_MLA_TRACE"  # "1": sm90 MLA decode prints a per-CTA timeline (debug builds)
 MAX_JOBS = "MAX_JOBS"  # parallel compile jobs (torch's variable); default: all cores
 CCACHE = "TOKENSPEED_CCACHE"  # "0" disables ccache even when it is installed
 SKIP_EXTENSIONS = "TOKENSPEED_SKIP_EXTENSIONS"  # "1": package metadata only (make builds in place)

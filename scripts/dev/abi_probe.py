@@ -1,13 +1,14 @@
 """Probe: does a TORCH_CHECK thrown from an extension survive under -std=c++17 / c++20?"""
+
 import subprocess
 import sys
 
-src = r'''
+src = r"""
 #include <torch/extension.h>
 at::Tensor boom(const at::Tensor& x) { TORCH_CHECK(x.dim() == 99, "probe: rank must be 99, got ", x.dim()); return x; }
 TORCH_LIBRARY(probe_NAME, m) { m.def("boom(Tensor x) -> Tensor"); }
 TORCH_LIBRARY_IMPL(probe_NAME, CPU, m) { m.impl("boom", &boom); }
-'''
+"""
 std = sys.argv[1]
 ldflags = sys.argv[2:]
 tag = std.replace("+", "p") + str(abs(hash(tuple(ldflags))) % 1000)

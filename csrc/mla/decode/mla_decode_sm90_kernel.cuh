@@ -31,6 +31,7 @@
 #include <utility>
 
 #include "mla/decode/mla_decode_sm90.h"
+#include "mla/decode/mla_decode_sm90_trace.cuh"
 
 namespace tokenspeed::mla_sm90 {
 
@@ -341,8 +342,10 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
           }
         }
       }
+      if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTmaIssued);
     }
   }
+  TS_MLA_TRACE_EVENT("decode", trace::kLastTmaIssued);
 }
 
 // ---------------------------------------------------------------------------------
@@ -501,6 +504,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
 
     acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
+    if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTileFull);
     issue_qk(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
 
     for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
@@ -613,6 +617,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
     wgmma_wait<0>();
     fence_regs(o);
     if (lane == 0) mbar_arrive(bar_empty0 + ((iter - 1) & 1) * 8);
+    TS_MLA_TRACE_EVENT("decode", trace::kMainLoopDone);
 
     // Row sums: this thread's part -> quad -> both warpgroups.
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -651,6 +656,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
         if (r1 < p.rows) p.ws_lse[part_row + r1] = lse1;
       }
     }
+    TS_MLA_TRACE_EVENT("decode", trace::kEpilogueDone);
   }
 }
 
@@ -664,6 +670,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Let the combine kernel (launched with programmatic stream serialization) be scheduled
   // as soon as SMs free up; it waits (griddepcontrol.wait) before reading our results.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  TS_MLA_TRACE_EVENT("decode", trace::kEntry);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_base = dev::smem_u32(smem_raw);
   const uint32_t pad = (1024u - (raw_base & 1023u)) & 1023u;
@@ -714,6 +721,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   sr.first_b = scratch[16];
   sr.first_start = scratch[17];
+  TS_MLA_TRACE_EVENT("decode", trace::kPlanDone);
 
   if (tid < 128) {
     dev::setmaxnreg_dec<kProducerRegs>();

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "mla/decode/mla_decode_sm90.h"
+#include "mla/decode/mla_decode_sm90_trace.cuh"
 
 namespace tokenspeed::mla_sm90 {
 namespace {
@@ -98,6 +99,7 @@ __global__ void __launch_bounds__(kRowsThreads)
   // The plan above only read cache_seqlens; the partials are the decode kernel's output.
   // Launched with programmatic serialization, this waits for that grid to finish.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  TS_MLA_TRACE_EVENT("combine_rows", trace::kCombineWaited);
   if (r >= p.rows) return;
   const int tiles = seq_tiles(clamp_len(__ldg(p.seqlens + b), capacity));
   const int64_t row = static_cast<int64_t>(b) * p.rows + r;
@@ -147,6 +149,7 @@ __global__ void __launch_bounds__(kRowsThreads)
 #pragma unroll
   for (int k = 0; k < 4; ++k) store4_bf16(out + d0 + 128 * k, acc[k], inv);
   if (lane == 0) p.lse[row] = sum > 0.f ? shift + logf(sum) : ninf;
+  TS_MLA_TRACE_EVENT("combine_rows", trace::kCombineDone);
 }
 
 // ---- Few rows, many splits (batch 1 split over every SM): a block per (row, 128 dims). ----
@@ -169,6 +172,7 @@ __global__ void __launch_bounds__(kSplitsThreads)
   int start, total;
   plan_position<kSplitsThreads>(p, b, capacity, start, total);
   asm volatile("griddepcontrol.wait;" ::: "memory");  // see the rows kernel
+  TS_MLA_TRACE_EVENT("combine_splits", trace::kCombineWaited);
   const int tiles = seq_tiles(clamp_len(__ldg(p.seqlens + b), capacity));
   const int64_t row = static_cast<int64_t>(b) * p.rows + r;
   const int d0 = blockIdx.y * 128 + lane * 4;
@@ -240,6 +244,7 @@ __global__ void __launch_bounds__(kSplitsThreads)
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   store4_bf16(static_cast<__nv_bfloat16*>(p.out) + row * kHeadDimV + d0, acc, inv);
   if (blockIdx.y == 0 && lane == 0) p.lse[row] = sum > 0.f ? shift + logf(sum) : ninf;
+  TS_MLA_TRACE_EVENT("combine_splits", trace::kCombineDone);
 }
 
 }  // namespace

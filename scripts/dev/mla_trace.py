@@ -1,0 +1,63 @@
+"""Timeline of one sm90 MLA decode call, from a build with TOKENSPEED_MLA_TRACE=1.
+
+Runs the op twice in a child process (the first call warms up), keeps the last call's
+printf events per (kernel, CTA, thread, event) and prints, per traced CTA, the time of each
+event after the earliest decode entry, then the phase summary (median over CTAs).
+
+    TOKENSPEED_MLA_TRACE=1 python setup.py build_ext --inplace ...
+    python scripts/dev/mla_trace.py 1 16 65536 1
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+
+CHILD = """
+import sys, torch, tokenspeed_kernels
+sys.path.insert(0, "scripts/dev")
+from profile_sm90 import make
+q, kv, bt, sl = make({b}, {h}, {s}, {q_len})
+for _ in range(2):
+    torch.ops.tokenspeed.mla_decode(q, kv, bt, sl, 192 ** -0.5, True, 512, None)
+    torch.cuda.synchronize()
+"""
+LINE = re.compile(r"mla_trace (\w+) cta (\d+) tid (\d+) ev (\d+) ns (\d+)")
+NAMES = {0: "entry", 1: "plan done", 2: "1st TMA issued", 3: "last TMA issued", 4: "1st tile full",
+         5: "loop done", 6: "epilogue done", 7: "combine waited", 8: "combine done"}  # fmt: skip
+
+
+def main() -> None:
+    b, h, s, q_len = (int(x) for x in sys.argv[1:5])
+    out = subprocess.run([sys.executable, "-c", CHILD.format(b=b, h=h, s=s, q_len=q_len)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    last: dict[tuple[str, int, int, int], int] = {}
+    for m in LINE.finditer(out):
+        key = (m[1], int(m[2]), int(m[3]), int(m[4]))
+        last[key] = max(last.get(key, 0), int(m[5]))
+    t0 = min(v for (k, _, _, e), v in last.items() if k == "decode" and e == 0)
+    per_cta: dict[int, dict[int, float]] = {}
+    for (kernel, cta, _tid, ev), ns in last.items():
+        if kernel == "decode":
+            per_cta.setdefault(cta, {})[ev] = (ns - t0) / 1e3
+    print(f"B={b} H={h} S={s} q_len={q_len}: us after the first decode entry")
+    print("cta  | " + " | ".join(f"{NAMES[e]:>15}" for e in range(7)))
+    for cta in sorted(per_cta):
+        print(f"{cta:4d} | " + " | ".join(f"{per_cta[cta].get(e, float('nan')):15.2f}" for e in range(7)))
+    for e in range(1, 7):
+        vals = [c[e] - c[0] for c in per_cta.values() if e in c and 0 in c]
+        if vals:
+            print(f"median {NAMES[e]:>15} - entry: {statistics.median(vals):7.2f} us")
+    end = max(c.get(6, 0.0) for c in per_cta.values())
+    print(f"decode: last epilogue at {end:.2f} us")
+    for kernel in ("combine_rows", "combine_splits"):
+        for ev in (7, 8):
+            vals = [(ns - t0) / 1e3 for (k, _, _, e), ns in last.items() if k == kernel and e == ev]
+            if vals:
+                print(f"{kernel} {NAMES[ev]}: first {min(vals):.2f}, last {max(vals):.2f} us")
+
+
+if __name__ == "__main__":
+    main()
