@@ -5,7 +5,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 DEPS := torch==$(TORCH_VERSION) ninja pybind11 nvidia-cutlass==4.2.0.0 numpy "setuptools>=77" wheel \
-	pytest hypothesis expecttest ruff transformers safetensors gguf tqdm fastapi uvicorn openai httpx \
+	pytest hypothesis expecttest ruff transformers safetensors gguf tqdm fastapi uvicorn openai httpx matplotlib \
 	smg==1.13.0 smg-grpc-proto==0.4.28 grpcio grpcio-health-checking protobuf
 BUILD_TEMP := build/temp
 
