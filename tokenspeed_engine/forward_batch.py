@@ -17,6 +17,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -71,6 +72,20 @@ class SequenceInput:
     pages: Sequence[int]  # block-table row: physical pages of logical pages 0, 1, ...
 
 
+def to_device(a: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host array -> tensor on ``device`` without a host sync.
+
+    On CUDA the data goes through pinned memory with a non-blocking copy: a copy from pageable
+    memory may wait for the stream, which would stall the overlap loop behind the step the
+    GPU is running. Torch's pinned-memory cache keeps the staging block until the copy has run.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _slots(prefix: int, new: int, pages: torch.Tensor, page_size: int, start: int = 0) -> torch.Tensor:
     pos = torch.arange(start, prefix + new, dtype=torch.int64)
     return pages[pos // page_size] * page_size + pos % page_size
@@ -115,7 +130,7 @@ def build_forward_batch(
     zero = torch.zeros(1, dtype=torch.int32)
 
     def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device)
+        return to_device(t, device)
 
     return ForwardBatch(
         mode=mode,

@@ -18,10 +18,16 @@ class Completion:
     token_ids: list[int]
     finish_reason: str | None
     cached_tokens: int
+    spec_verify_steps: int = 0  # speculative decoding (speculative_num_steps > 0): verify forwards
+    spec_accepted_tokens: int = 0  # and the draft tokens they accepted
 
 
 class LLM:
-    """Load a model once; ``generate`` batches every prompt through the continuous-batching engine."""
+    """Load a model once; ``generate`` batches every prompt through the continuous-batching engine.
+
+    ``engine_kwargs`` go to :func:`~tokenspeed_engine.launch.build_engine`, e.g.
+    ``speculative_num_steps=3`` for MTP speculative decoding.
+    """
 
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.engine: Engine
@@ -57,6 +63,7 @@ class LLM:
                 if out.finished:
                     prompt = items[order[out.request_id]][0]
                     results[out.request_id] = Completion(
-                        prompt, texts[out.request_id], tokens[out.request_id], out.finish_reason, out.cached_tokens
+                        prompt, texts[out.request_id], tokens[out.request_id], out.finish_reason, out.cached_tokens,
+                        out.spec_verify_steps, out.spec_accepted_tokens,
                     )
         return [results[rid] for rid in sorted(order, key=order.get)]
