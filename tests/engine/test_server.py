@@ -70,6 +70,23 @@ def test_streaming_chat_ends_with_done_and_usage(served) -> None:
     assert lines[-1] == "data: [DONE]"
 
 
+def test_return_token_ids_streamed_and_not(served) -> None:
+    """`return_token_ids`: the generated ids, whole or per chunk; a chunk for every token."""
+    _, bg = served
+    prompt = "ids please"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    r = httpx.post(bg.url + "/v1/completions", json=body).json()
+    ids = r["choices"][0]["token_ids"]
+    assert bytes(ids).decode() == r["choices"][0]["text"] == expected_text(ByteTokenizer().encode(prompt), 6)
+    assert len(ids) == r["usage"]["completion_tokens"] == 6
+    with httpx.stream("POST", bg.url + "/v1/completions", json={**body, "stream": True}) as resp:
+        chunks = [json.loads(ln[6:]) for ln in resp.iter_lines() if ln.startswith("data: {")]
+    streamed = [t for c in chunks for ch in c["choices"] for t in ch["token_ids"]]
+    assert streamed == ids and len(chunks) == 6
+    plain = httpx.post(bg.url + "/v1/completions", json={**body, "return_token_ids": False}).json()
+    assert "token_ids" not in plain["choices"][0]
+
+
 def test_repeated_prompt_reports_cached_tokens(served) -> None:
     _, bg = served
     prompt = "a long shared system prompt that fills several pages of the cache " * 2

@@ -150,37 +150,45 @@ class OpenAIServer:
             "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
         }
 
-    def _choice(self, chat: bool, text: str, finish: str | None, delta: bool) -> dict:
+    def _choice(
+        self, chat: bool, text: str, finish: str | None, delta: bool, token_ids: list[int] | None = None
+    ) -> dict:
         if not chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        key = "delta" if delta else "message"
-        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        else:
+            key = "delta" if delta else "message"
+            choice = {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        if token_ids is not None:  # `return_token_ids` (vLLM's extension): the generated ids
+            choice["token_ids"] = token_ids
+        return choice
 
     async def complete(self, body: dict, chat: bool) -> Response:
         stream, first = await self.start(body, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"
+        want_ids = _field(body, "return_token_ids", bool, False)
         if _field(body, "stream", bool, False):
             include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage", False))
             return StreamingResponse(
-                self._sse(stream, first, rid, obj + (".chunk" if chat else ""), chat, include_usage),
+                self._sse(stream, first, rid, obj + (".chunk" if chat else ""), chat, include_usage, want_ids),
                 media_type="text/event-stream",
             )
-        text, last = "", first
+        text, last, ids = "", first, []
         if first is not None:
-            text = first.text
+            text, ids = first.text, list(first.token_ids)
             async for out in stream:
                 text += out.text
+                ids += out.token_ids
                 last = out
         if last is None or last.finish_reason == "error":
             raise APIError(500, "generation failed", kind="server_error")
         return JSONResponse({
             "id": rid, "object": obj, "created": int(time.time()), "model": self.model_name,
-            "choices": [self._choice(chat, text, last.finish_reason, delta=False)],
+            "choices": [self._choice(chat, text, last.finish_reason, delta=False, token_ids=ids if want_ids else None)],
             "usage": self._usage(last),
         })
 
-    async def _sse(self, stream, first, rid, obj, chat, include_usage) -> AsyncIterator[bytes]:
+    async def _sse(self, stream, first, rid, obj, chat, include_usage, want_ids=False) -> AsyncIterator[bytes]:
         def chunk(payload: dict) -> bytes:
             return f"data: {json.dumps(payload)}\n\n".encode()
 
@@ -190,8 +198,11 @@ class OpenAIServer:
         try:
             while out is not None:
                 last = out
-                if out.text or out.finished:
-                    yield chunk({**base, "choices": [self._choice(chat, out.text, out.finish_reason, delta=True)]})
+                # With return_token_ids every step with a token is sent (a token may release no
+                # text yet), so clients can time each token and rebuild the exact ids.
+                if out.text or out.finished or (want_ids and out.token_ids):
+                    ids = list(out.token_ids) if want_ids else None
+                    yield chunk({**base, "choices": [self._choice(chat, out.text, out.finish_reason, True, ids)]})
                 if out.finished:
                     break
                 out = await stream.__anext__()
