@@ -66,19 +66,25 @@ class DeepseekV3Attention(nn.Module):
             self.scaling *= yarn_mscale(cfg.rope["factor"], cfg.rope["mscale_all_dim"]) ** 2
         self.spmd_in, self.spmd_out = Layout(group.name, Replicate()), Layout(group.name, Partial())
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, kv_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``kv_scale``: the float32 [1] scale of an fp8 latent cache (None for a 16/32-bit one)."""
         T = x.shape[0]
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(T, self.heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_a_layernorm(c)
         q_pe, k_pe = self.rotary_emb(batch.positions, q_pe, k_pe.unsqueeze(1))
-        write_paged_kv(cache, batch.out_cache_loc, torch.cat([c, k_pe.squeeze(1)], dim=-1))
-        out = self._decode(q_nope, q_pe, batch, cache) if batch.is_decode else self._extend(q_nope, q_pe, batch, cache)
+        write_paged_kv(cache, batch.out_cache_loc, torch.cat([c, k_pe.squeeze(1)], dim=-1), kv_scale)  # fp8: quantises
+        run = self._decode if batch.is_decode else self._extend
+        out = run(q_nope, q_pe, batch, cache, kv_scale)
         return self.o_proj(out.reshape(T, self.heads * self.v_dim))
 
-    def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor):
-        latent = gather_paged_kv(cache, batch.kv_slots)  # prefix + chunk of every sequence, packed
+    def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, kv_scale=None):
+        # prefix + chunk of every sequence, packed; an fp8 cache is read back dequantised, so the
+        # chunk attends to the same (quantised) latents that later decode steps will see
+        latent = gather_paged_kv(cache, batch.kv_slots, kv_scale, dtype=q_nope.dtype)
         c, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c).view(-1, self.heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -97,16 +103,19 @@ class DeepseekV3Attention(nn.Module):
         )
         return out
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor):
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, kv_scale=None):
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # absorb W_UK into the query
         q = torch.cat([q_latent, q_pe], dim=-1).view(batch.batch_size, batch.q_len, self.heads, -1)
+        if cache.dtype != torch.float8_e4m3fn and cache.dtype != q.dtype:
+            q = q.to(cache.dtype)  # e.g. a bf16 cache under an fp32 model: the kernels take one 16/32-bit dtype
         traits = dict(page_size=cache.shape[1], heads=self.heads, q_len=batch.q_len, head_dim=q.shape[-1])
-        out, _ = kernel("mla_decode", q, **traits)(
-            q, cache, batch.block_table, batch.seq_lens, self.scaling, True, self.kv_lora_rank
+        out, _ = kernel("mla_decode", q, kv_dtype=cache.dtype, **traits)(
+            q, cache, batch.block_table, batch.seq_lens, self.scaling, True, self.kv_lora_rank, kv_scale
         )
-        return torch.einsum("thl,hvl->thv", out.reshape(-1, self.heads, self.kv_lora_rank), w_uv)
+        out = out.to(q_nope.dtype).reshape(-1, self.heads, self.kv_lora_rank)
+        return torch.einsum("thl,hvl->thv", out, w_uv)
 
 
 class DeepseekV3MLP(nn.Module):
@@ -196,7 +205,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, kv: MLAKVCache):
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, kv[self.layer_id])
+        x = self.self_attn(x, batch, kv[self.layer_id], kv.scale(self.layer_id) if hasattr(kv, "scale") else None)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -236,8 +245,11 @@ class DeepseekV3ForCausalLM(CausalLM):
     """See :class:`tokenspeed_engine.models.base.CausalLM` for the call; ``forward_mtp`` runs a NextN layer.
 
     ``num_mtp_layers`` NextN layers are built (0 skips them); ``fp8_experts`` keeps routed experts
-    in e4m3 with block scales (from a DeepSeek fp8 checkpoint).
+    in e4m3 with block scales (from a DeepSeek fp8 checkpoint). ``kv_cache_dtype`` (default: the
+    model's dtype) is what ``make_kv_cache`` allocates; float8_e4m3fn halves the bytes per token.
     """
+
+    supports_fp8_kv_cache = True  # the absorbed decode reads the e4m3 latent cache directly
 
     def __init__(
         self,
@@ -250,6 +262,7 @@ class DeepseekV3ForCausalLM(CausalLM):
     ):
         super().__init__()
         self.config, self.dtype = config, dtype
+        self.kv_cache_dtype = dtype  # the latent cache's dtype: the model's, or float8_e4m3fn (set_kv_cache_dtype)
         ctx = self.parallel = parallel or ParallelContext.single()
         attn, kw = ctx.group("attn"), {"dtype": dtype, "device": device}
         embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, attn, **kw)
@@ -280,12 +293,13 @@ class DeepseekV3ForCausalLM(CausalLM):
         dim = self.config.kv_lora_rank + self.config.qk_rope_head_dim
         device = device or self.lm_head.weight.device
         layers = self.config.num_hidden_layers + len(self.mtp)
-        return MLAKVCache(layers, num_pages, page_size, dim, self.dtype, device)
+        return MLAKVCache(layers, num_pages, page_size, dim, self.kv_cache_dtype, device)
 
     def kv_bytes_per_token(self) -> int:
-        """Cache bytes one token takes on this rank over all layers (for sizing the page pool)."""
+        """Cache bytes one token takes on this rank over all layers (for sizing the page pool):
+        layers x 576 (DeepSeek) x bytes per value (1 with an fp8 cache)."""
         dim = self.config.kv_lora_rank + self.config.qk_rope_head_dim
-        return (self.config.num_hidden_layers + len(self.mtp)) * dim * self.dtype.itemsize
+        return (self.config.num_hidden_layers + len(self.mtp)) * dim * self.kv_cache_dtype.itemsize
 
     def forward_mtp(
         self,
@@ -295,12 +309,15 @@ class DeepseekV3ForCausalLM(CausalLM):
         layer: int = 0,
         return_all_logits: bool = False,
         return_hidden: bool = False,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Draft with NextN layer ``layer``: token t+1's ids in ``batch`` with the main model's final
         hidden state of token t (``prev_hidden`` [T, hidden], rows aligned with ``batch.input_ids``).
 
         Positions may be either token's (RoPE is relative; keep one convention per sequence).
-        The layer's KV lives in ``kv_cache[num_hidden_layers + layer]``.
+        The layer's KV lives in ``kv_cache[num_hidden_layers + layer]``. ``logit_rows`` (int64,
+        on the device) picks the token rows that get logits, in that order (speculative
+        decoding needs the row after each request's last accepted token, not its last row).
         """
         if not 0 <= layer < len(self.mtp):
             raise IndexError(f"MTP layer {layer} not loaded (this model has {len(self.mtp)})")
@@ -308,5 +325,8 @@ class DeepseekV3ForCausalLM(CausalLM):
         x = mtp.input(self.model.embed_tokens(batch.input_ids), prev_hidden)
         x, residual = mtp.block(x, None, batch, kv_cache)
         hidden = mtp.final_norm(x, residual)[0]
-        logits = self.compute_logits(hidden, batch, return_all_logits)
+        if logit_rows is not None:
+            logits = self.lm_head(hidden.index_select(0, logit_rows))[..., : self.config.vocab_size]
+        else:
+            logits = self.compute_logits(hidden, batch, return_all_logits)
         return (logits, hidden) if return_hidden else logits

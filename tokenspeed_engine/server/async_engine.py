@@ -31,6 +31,8 @@ class AsyncEngine:
         self.engine = engine
         self.max_pending = max_pending_requests
         self.metrics = Metrics()
+        if getattr(engine, "spec", None) is not None:  # speculative decoding: acceptance length and counters
+            self.metrics.sources.append(engine.spec.stats.prometheus_lines)
         self._ids = itertools.count(1)
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -46,6 +47,8 @@ class Metrics:
             "tokenspeed_cached_prompt_tokens_total": 0,
             "tokenspeed_generation_tokens_total": 0,
         }
+        # more exposition lines, read at each scrape (speculative decoding's acceptance stats)
+        self.sources: list[Callable[[], list[str]]] = []
 
     def inc(self, name: str, value: int = 1) -> None:
         with self.lock:
@@ -59,4 +62,6 @@ class Metrics:
             for name, value in gauges.items():
                 lines += [f"# TYPE {name} gauge", f"{name} {value}"]
             lines += self.ttft.render() + self.itl.render()
+            for source in self.sources:
+                lines += source()
         return "\n".join(lines) + "\n"
