@@ -11,12 +11,11 @@ sequences, many splits, fp8.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ import torch
 
 from tokenspeed_kernels.reference import mla_decode_ref
 from tokenspeed_kernels.testing import TOLERANCES, assert_close, compare, make_paged_kv
+from tokenspeed_kernels.testing.interpreter import interpret_main, run_in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCALE = 192**-0.5  # DeepSeek's qk_head_dim ** -0.5
@@ -82,16 +82,7 @@ def run_case(case: tuple[Any, ...], seed: int, device: str = "cpu", min_chunk: i
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict[str, Any]]:
-    pytest.importorskip("triton")
-    seed = random.randrange(2**31)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpret", str(seed)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines, f"interpreter subprocess failed (seed {seed}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case_id", list(CPU_CASES))
@@ -219,16 +210,5 @@ def test_gpu_fp8_cache_matches_dequantised(gen: torch.Generator) -> None:
     assert result["ok"], result["report"]
 
 
-def _interpret_main(seed: int) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    results = {}
-    for i, (case_id, case) in enumerate(CPU_CASES.items()):
-        try:
-            results[case_id] = run_case(case, seed + i)
-        except Exception as exc:  # report per case; the parent test names it
-            results[case_id] = {"ok": False, "report": f"seed={seed + i}: {type(exc).__name__}: {exc}"}
-    print(json.dumps(results))
-
-
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
-    _interpret_main(int(sys.argv[2]))
+    interpret_main({cid: partial(run_case, case) for cid, case in CPU_CASES.items()}, int(sys.argv[2]))

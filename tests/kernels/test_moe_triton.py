@@ -9,11 +9,9 @@ moe_align is torch ops and is checked in-process. GPU (``-m gpu``): DeepSeek-V3 
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 
 from tokenspeed_kernels.reference import fused_moe_ref, moe_route_ref
 from tokenspeed_kernels.testing import TOLERANCES, assert_close, compare
+from tokenspeed_kernels.testing.interpreter import interpret_main, run_in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -131,16 +130,7 @@ def run_moe_case(case: tuple[Any, ...], seed: int, device: str = "cpu") -> dict[
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict[str, Any]]:
-    pytest.importorskip("triton")
-    seed = random.randrange(2**31)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpret", str(seed)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines, f"interpreter subprocess failed (seed {seed}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case_id", [f"route/{k}" for k in ROUTE_CASES] + [f"moe/{k}" for k in MOE_CASES])
@@ -297,18 +287,11 @@ def test_gpu_cuda_graph_replay_equals_eager_bitwise(fp8: bool, gen: torch.Genera
     assert torch.equal(captured, step()) and not torch.equal(captured, before)
 
 
-def _interpret_main(seed: int) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    results = {}
-    cases = [(f"route/{k}", run_route_case, c) for k, c in ROUTE_CASES.items()]
-    cases += [(f"moe/{k}", run_moe_case, c) for k, c in MOE_CASES.items()]
-    for i, (case_id, fn, case) in enumerate(cases):
-        try:
-            results[case_id] = fn(case, seed + i)
-        except Exception as exc:  # report per case; the parent test names it
-            results[case_id] = {"ok": False, "report": f"seed={seed + i}: {type(exc).__name__}: {exc}"}
-    print(json.dumps(results))
-
-
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
-    _interpret_main(int(sys.argv[2]))
+    interpret_main(
+        {
+            **{f"route/{k}": partial(run_route_case, c) for k, c in ROUTE_CASES.items()},
+            **{f"moe/{k}": partial(run_moe_case, c) for k, c in MOE_CASES.items()},
+        },
+        int(sys.argv[2]),
+    )
