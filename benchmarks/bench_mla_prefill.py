@@ -1,5 +1,6 @@
-"""MLA ragged prefill (non-absorbed, qk 192 / v 128): our backends (through the registry)
-beside FlashInfer 0.5.3 fa3 and torch SDPA, same run.
+"""MLA ragged prefill (non-absorbed, qk 192 / v 128): our backends (through the registry:
+``cuda_sm90`` = the Hopper kernel of csrc/mla/prefill, ``triton`` = the portable one) beside
+FlashInfer 0.5.3 fa3 and torch SDPA, same run.
 
 One line per (case, backend): ``case | backend | us | TFLOP/s | % of matmul roof | x vs
 FlashInfer | rel err``. FLOPs = 2 * heads * (visible q.k pairs) * (192 + 128): only unmasked

@@ -1,11 +1,13 @@
-"""MoE: our Triton grouped GEMMs and the whole routed-expert step beside torch's grouped GEMMs.
+"""MoE: our grouped GEMMs and the whole routed-expert step beside torch's grouped GEMMs.
 
 Lines: ``shape | backend | us | TFLOP/s | GB/s | % of roofline | x vs torch``.
-* GEMM rows (DeepSeek-V3 expert shapes, every expert the same number of rows): ours is one
+* GEMM rows (DeepSeek-V3 expert shapes, every expert the same number of rows): triton is one
   ``moe_gemm`` launch (gate/up with its SwiGLU epilogue, or down with the routing-weight
-  epilogue) on a precomputed alignment; torch is ``torch._grouped_mm`` (bf16) or
-  ``torch._scaled_grouped_mm`` (fp8, row-wise scales: what torch offers; not the 128x128
-  block scales ours applies). FLOPs 2*E*rows*N*K; bytes = weights + activations in and out.
+  epilogue) on a precomputed alignment; cuda_sm90 is ``tokenspeed::grouped_gemm`` (the CUTLASS
+  grouped GEMM of the sm90 fused_moe, its per-call argument set-up included; plain output,
+  as torch's); torch is ``torch._grouped_mm`` (bf16) or ``torch._scaled_grouped_mm`` (fp8,
+  row-wise scales: what torch offers; not the 1x128 / 128x128 block scales ours apply).
+  FLOPs 2*E*rows*N*K; bytes = weights + activations in and out.
 * fused rows: moe_route + fused_moe (our backends, selected through the registry by name)
   against the same pipeline from torch ops (torch routing, argsort, index gather, two
   grouped GEMMs, SiLU-and-mul, index_add combine). DeepSeek-V3: hidden 7168, 256 experts
@@ -13,7 +15,8 @@ Lines: ``shape | backend | us | TFLOP/s | GB/s | % of roofline | x vs torch``.
 Roofline: copy bandwidth and bf16 matmul rate measured in this run (fp8 roof: twice the bf16
 rate, the Hopper ratio). Weights are far larger than L2; activations rotate over sets.
 
-    python benchmarks/bench_moe.py [--only gemm|fused] [--tokens 1,8,32,128,8192] --json out.json
+    python benchmarks/bench_moe.py [--only gemm|fused] [--gemm-rows all|large|decode] [--tokens 1,8,32,128,8192]
+        --json out.json
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def report(rows: list[dict[str, Any]], shape: str, backend: str, us: float, mode
     row = dict(shape=shape, backend=backend, us=us, timing=mode, tflops=flops / us / 1e6, gbps=nbytes / us / 1e3,
                pct_roof=100 * roof_us / us, vs_torch=vs)  # fmt: skip
     rows.append(row)
-    print(f"{shape:44} | {backend:7} | {us:9.1f} | {row['tflops']:7.1f} | {row['gbps']:7.0f} | {row['pct_roof']:5.1f}% | {vs}")
+    print(f"{shape:44} | {backend:9} | {us:9.1f} | {row['tflops']:7.1f} | {row['gbps']:7.0f} | {row['pct_roof']:5.1f}% | {vs}")
 
 
 def timed(fn: Callable[[int], Any], n_sets: int, graph: bool) -> tuple[float | None, str]:
@@ -64,14 +67,24 @@ def timed(fn: Callable[[int], Any], n_sets: int, graph: bool) -> tuple[float | N
         return None, "-"
 
 
-def bench_gemms(roof: Roofline, rows: list[dict[str, Any]], graph: bool) -> None:
+def sm90_available() -> bool:
+    """The CUTLASS sm90 kernels need a Hopper GPU and a build with CUDA sources."""
+    import tokenspeed_kernels
+
+    return tokenspeed_kernels.build_info()["cuda"] and torch.cuda.get_device_capability()[0] == 9
+
+
+def bench_gemms(roof: Roofline, rows: list[dict[str, Any]], graph: bool, which: str = "all") -> None:
     for row in GEMM_ROWS:
-        bench_gemm_row(roof, rows, graph, *row)
+        large = row[2] >= 1024  # rows per expert: prefill-sized, else decode-sized
+        if which == "all" or (which == "large") == large:
+            bench_gemm_row(roof, rows, graph, *row)
         torch.cuda.empty_cache()
 
 
 def bench_gemm_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, name: str, e: int, m: int, n: int, k: int,
                    fp8: bool) -> None:  # fmt: skip
+    from tokenspeed_kernels.backends.moe_sm90 import grouped_gemm
     from tokenspeed_kernels.triton.fused_moe import moe_gemm, quant_fp8_per_token_group
     from tokenspeed_kernels.triton.moe_align import moe_align
     from tokenspeed_kernels.triton.moe_configs import moe_gemm_config
@@ -96,6 +109,10 @@ def bench_gemm_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, name
                  route_weights=None if gate_up else rw)  # fmt: skip
 
     offs = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * m
+
+    def sm90(i: int) -> None:
+        grouped_gemm(qs[i][0], w, offs, qs[i][1], ws)
+
     if fp8:
         wt, sb = w.transpose(1, 2), ws.amax(-1).repeat_interleave(128, 1).contiguous()
         sa = torch.rand(t, device="cuda") * 0.01
@@ -109,10 +126,13 @@ def bench_gemm_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, name
 
     base_us, base_mode = timed(base, n_sets, graph)
     us, mode = timed(ours, n_sets, graph)
+    sm90_us, sm90_mode = timed(sm90, n_sets, graph) if sm90_available() else (None, "-")
     if base_us:
         report(rows, shape, "torch", base_us, base_mode, flops, nbytes, roof, fp8, None)
     if us:
         report(rows, shape, "triton", us, mode, flops, nbytes, roof, fp8, base_us)
+    if sm90_us:
+        report(rows, shape, "cuda_sm90", sm90_us, sm90_mode, flops, nbytes, roof, fp8, base_us)
 
 
 def torch_moe(x, w13, w2, weights, ids, s13, s2):  # type: ignore[no-untyped-def]
@@ -146,7 +166,10 @@ def bench_fused(roof: Roofline, rows: list[dict[str, Any]], tokens_list: list[in
 
     with registry.use_backend("triton", "moe_route"), registry.use_backend("triton", "fused_moe"):
         route = registry.select("moe_route", "cuda", torch.float32).load()
-        moe = registry.select("fused_moe", "cuda", torch.bfloat16).load()
+        moes = [("triton", registry.select("fused_moe", "cuda", torch.bfloat16).load())]
+    if sm90_available():
+        with registry.use_backend("cuda_sm90", "fused_moe"):
+            moes.append(("cuda_sm90", registry.select("fused_moe", "cuda", torch.bfloat16).load()))
     for fp8 in (False, True):
         if fp8:
             w13, s13 = fp8_weights(EXPERTS, 2 * inter, HIDDEN)
@@ -157,13 +180,14 @@ def bench_fused(roof: Roofline, rows: list[dict[str, Any]], tokens_list: list[in
             w2 = torch.randn(EXPERTS, HIDDEN, inter, device="cuda", dtype=torch.bfloat16) * inter**-0.5
             s13 = s2 = rs13 = rs2 = None
         for t in tokens_list:
-            bench_fused_row(roof, rows, graph, route, moe, t, inter, fp8, (w13, w2, s13, s2, rs13, rs2))
+            bench_fused_row(roof, rows, graph, route, moes, t, inter, fp8, (w13, w2, s13, s2, rs13, rs2))
         del w13, w2, s13, s2, rs13, rs2
         torch.cuda.empty_cache()
 
 
 def bench_fused_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, route: Callable[..., Any],
-                    moe: Callable[..., Any], t: int, inter: int, fp8: bool, weights: tuple[Any, ...]) -> None:  # fmt: skip
+                    moes: list[tuple[str, Callable[..., Any]]], t: int, inter: int, fp8: bool,
+                    weights: tuple[Any, ...]) -> None:  # fmt: skip
     from tokenspeed_kernels.reference.moe import moe_route_ref
 
     w13, w2, s13, s2, rs13, rs2 = weights
@@ -177,25 +201,31 @@ def bench_fused_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, rou
     flops = 6.0 * t * TOP_K * HIDDEN * inter
     shape = f"fused_moe {'fp8' if fp8 else 'bf16'} T{t} E{EXPERTS} top{TOP_K} I{inter}"
 
-    def ours(i: int) -> torch.Tensor:
-        w, ids = route(logits[i], TOP_K, "sigmoid", bias, N_GROUP, TOPK_GROUP, True, 2.5)
-        return moe(xs[i], w13, w2, w, ids, s13, s2, 0)
+    def ours(moe: Callable[..., Any]) -> Callable[[int], torch.Tensor]:
+        def step(i: int) -> torch.Tensor:
+            w, ids = route(logits[i], TOP_K, "sigmoid", bias, N_GROUP, TOPK_GROUP, True, 2.5)
+            return moe(xs[i], w13, w2, w, ids, s13, s2, 0)
+
+        return step
 
     def base(i: int) -> torch.Tensor:
         w, ids = moe_route_ref(logits[i], TOP_K, "sigmoid", bias, N_GROUP, TOPK_GROUP, True, 2.5)
         return torch_moe(xs[i], w13, w2, w, ids, rs13, rs2)
 
     base_us, base_mode = timed(base, n_sets, graph)
-    us, mode = timed(ours, n_sets, graph)
     if base_us:
         report(rows, shape, "torch", base_us, base_mode, flops, nbytes, roof, fp8, None)
-    if us:
-        report(rows, shape, "triton", us, mode, flops, nbytes, roof, fp8, base_us)
+    for name, moe in moes:
+        us, mode = timed(ours(moe), n_sets, graph)
+        if us:
+            report(rows, shape, name, us, mode, flops, nbytes, roof, fp8, base_us)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("gemm", "fused", "all"), default="all")
+    ap.add_argument("--gemm-rows", choices=("all", "large", "decode"), default="all",
+                    help="GEMM rows: 1024 rows per expert (large), 4 (decode), or both")  # fmt: skip
     ap.add_argument("--tokens", default="1,8,32,128,8192")
     ap.add_argument("--inter", type=int, default=2048, help="expert intermediate size of the fused rows")
     ap.add_argument("--timing", choices=("graph", "eager"), default="graph")
@@ -204,12 +234,12 @@ def main() -> None:
     env = environment()
     roof = measure_roofline()
     print(f"{env['device']} torch {env['torch']}: copy {roof.copy_gbps:.0f} GB/s, bf16 matmul {roof.matmul_tflops:.0f} TFLOP/s")
-    print(f"{'shape':44} | backend |        us | TFLOP/s |    GB/s | % roof | x vs torch")
+    print(f"{'shape':44} | backend   |        us | TFLOP/s |    GB/s | % roof | x vs torch")
     rows: list[dict[str, Any]] = []
     graph = args.timing == "graph"
     try:
         if args.only in ("gemm", "all"):
-            bench_gemms(roof, rows, graph)
+            bench_gemms(roof, rows, graph, args.gemm_rows)
         if args.only in ("fused", "all"):
             bench_fused(roof, rows, [int(t) for t in args.tokens.split(",")], args.inter, graph)
     finally:  # partial results still land in the JSON

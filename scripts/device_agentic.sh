@@ -10,8 +10,6 @@
 # Carry .whl and .whl-serve (fastapi, uvicorn, starlette, pydantic: not in the device image).
 # Extra arguments go to the sweep (e.g. --concurrency 1,8,32 --max-run-seconds 30).
 source "$(dirname "$0")/device_env.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
 if compgen -G ".whl-serve/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-serve-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-serve/*.whl
   touch /tmp/site/.ts-serve-installed

@@ -8,8 +8,6 @@
 #       completion and a batch-1 stream (decode tokens/s) with CUDA graphs, then without;
 #       each server is stopped with SIGTERM and must exit 0.
 source "$(dirname "$0")/device_env.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
 if compgen -G ".whl-serve/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-serve-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-serve/*.whl
   touch /tmp/site/.ts-serve-installed

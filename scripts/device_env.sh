@@ -19,3 +19,17 @@ ts_build() {
     > .devbuild.log 2>&1 || { tail -60 .devbuild.log; return 1; }
   echo "build: $((SECONDS - t0)) s"
 }
+
+# $OUT: what the device tool brings back (./out elsewhere).
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+# FlashInfer wheels (carried in .whl-fi), for benchmarks and tests that compare with it.
+ts_flashinfer() {
+  if compgen -G ".whl-fi/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-fi-installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-fi/*.whl
+    touch /tmp/site/.ts-fi-installed
+  fi
+}
+ts_gpu_info() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+}

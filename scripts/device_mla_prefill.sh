@@ -4,13 +4,8 @@
 # Carry .whl and .whl-fi. Extra arguments go to the benchmark (e.g. --cases 0,2, --sweep).
 # Logs and the JSON land in $OUT (./out outside the device tool); the table prints last.
 source "$(dirname "$0")/device_env.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-if compgen -G ".whl-fi/*.whl" >/dev/null && [ ! -f /tmp/site/.ts-fi-installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-fi/*.whl
-  touch /tmp/site/.ts-fi-installed
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+ts_flashinfer
+ts_gpu_info
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 ts_build
 

@@ -4,9 +4,7 @@
 # Extra arguments go to the benchmark (e.g. --only gemm, --tokens 1,8,128, --timing eager).
 # Logs and the JSON land in $OUT (./out outside the device tool); the table prints last.
 source "$(dirname "$0")/device_env.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+ts_gpu_info
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 ts_build
 

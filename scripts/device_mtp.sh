@@ -4,8 +4,6 @@
 # perfect-draft construction (hard check) and on the plain random model (informational), then
 # tokens/s per user at batch 1 for k=0 and k=3. Logs in $OUT; a table prints last. < 4 min.
 source "$(dirname "$0")/device_env.sh"
-OUT=${OUT:-out}
-mkdir -p "$OUT"
 T0=$SECONDS
 ts_build || exit 1
 rc=0

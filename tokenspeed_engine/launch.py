@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tokenspeed_engine.engine import Engine, EngineConfig
+from tokenspeed_engine.kv_cache import KV_CACHE_DTYPES, set_kv_cache_dtype
 from tokenspeed_engine.model_runner import TorchModelRunner
 from tokenspeed_engine.tokenizer import LoadedTokenizer, default_model_path, load_tokenizer
 
@@ -46,6 +47,7 @@ class RunnerOptions:
     cuda_graph_max_bs: int  # 0: no CUDA graphs
     load_format: str  # "auto": the checkpoint's weights; "random": config.json only, random weights
     random_mtp_layers: int = 0  # load_format "random" with speculative decoding: NextN layers to build
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "bf16" or "fp8" (e4m3 latent cache, MLA models)
 
 
 def _kv_bytes_per_token(model: Any, page_size: int) -> int:
@@ -75,13 +77,14 @@ def _num_pages(model: Any, device: torch.device, page_size: int, kv_tokens: int 
     return pages
 
 
-def _log_kernels(device: torch.device, dtype: torch.dtype) -> None:
+def _log_kernels(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> None:
     from tokenspeed_kernels import registry
 
     chosen = []
     for op in ("mla_decode", "mla_prefill", "moe_route", "fused_moe"):
+        traits = {"kv_dtype": kv_dtype} if op == "mla_decode" else {}  # an fp8 cache has its own decode kernels
         try:
-            chosen.append(f"{op}={registry.select(op, device, dtype).backend}")
+            chosen.append(f"{op}={registry.select(op, device, dtype, **traits).backend}")
         except registry.NoKernelError:
             chosen.append(f"{op}=none")
     log.info("kernels on %s/%s: %s", device, str(dtype).replace("torch.", ""), ", ".join(chosen))
@@ -113,6 +116,7 @@ def build_runner(
     decode graphs. ``agree_pages(n)`` returns the page count all ranks settle on (the minimum)."""
     rank = parallel.rank if parallel is not None else 0
     model = _load(opts, device, parallel, progress=rank == 0)
+    set_kv_cache_dtype(model, opts.kv_cache_dtype)  # before sizing: fp8 halves the bytes per token
     config = model.config
     limit = config.max_position_embeddings
     if device.type != "cuda":
@@ -123,7 +127,7 @@ def build_runner(
         num_pages = agree_pages(num_pages)
     kv_cache = model.make_kv_cache(num_pages, opts.page_size, device=device)
     if rank == 0:
-        _log_kernels(device, DTYPES[opts.dtype])
+        _log_kernels(device, DTYPES[opts.dtype], getattr(model, "kv_cache_dtype", None))
     return TorchModelRunner(
         model,
         kv_cache,
@@ -152,6 +156,7 @@ def build_engine(
     enable_overlap: bool | None = None,
     load_format: str = "auto",
     speculative_num_steps: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> tuple[Engine, LoadedTokenizer, str]:
     """Load ``model_path`` (default: the embedded SmolLM2) into an Engine; returns (engine, tokenizer, name).
 
@@ -163,7 +168,8 @@ def build_engine(
     Call ``engine.close()`` to stop tensor-parallel workers. ``speculative_num_steps`` k > 0
     (default: the engine config's) drafts k tokens per step with the model's MTP layer
     (:mod:`tokenspeed_engine.speculative`); overlap is then off and the CUDA graphs cover the
-    verify step instead of the plain decode.
+    verify step instead of the plain decode. ``kv_cache_dtype`` "fp8" keeps an MLA model's latent
+    cache in e4m3 with a per-tensor scale: twice the tokens in the same memory.
     """
     path = model_path or default_model_path()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -173,6 +179,8 @@ def build_engine(
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if cuda_graph_max_bs < 1 and not disable_cuda_graph:
@@ -202,6 +210,7 @@ def build_engine(
         cuda_graph_max_bs=min(cuda_graph_max_bs, config.max_running_requests) if use_graphs else 0,
         load_format=load_format,
         random_mtp_layers=1 if spec_k and load_format == "random" else 0,
+        kv_cache_dtype=kv_cache_dtype,
     )
     log.info("loading %s on %s in %s%s", path, dev, dtype, f" over {tp} tensor-parallel ranks" if tp > 1 else "")
     tokenizer = load_tokenizer(path)
@@ -238,6 +247,7 @@ def build_server(args: argparse.Namespace, api_key: str | None):
         enable_overlap=args.enable_overlap,
         load_format=args.load_format,
         speculative_num_steps=args.speculative_num_steps,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )
     async_engine = AsyncEngine(engine, max_pending_requests=args.max_pending_requests)
     server = OpenAIServer(async_engine, args.served_model_name or name, tokenizer.encode, tokenizer.chat,

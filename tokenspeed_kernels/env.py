@@ -21,6 +21,7 @@ SKIP_EXTENSIONS = "TOKENSPEED_SKIP_EXTENSIONS"  # "1": package metadata only (ma
 KERNEL_BACKEND = "TOKENSPEED_KERNEL_BACKEND"  # "backend" or "op=backend,op=backend"
 DISABLE_PLUGINS = "TOKENSPEED_DISABLE_PLUGINS"  # "1": skip entry-point plugins
 DEBUG_CHECKS = "TOKENSPEED_DEBUG_CHECKS"  # "1": value checks that need a device sync
+MOE_SM90_TILE = "TOKENSPEED_MOE_SM90_TILE"  # "large" / "small": force the sm90 MoE GEMM tile (read in C++)
 
 # Engine / server (tokenspeed_engine)
 API_KEY = "TOKENSPEED_API_KEY"  # bearer token every endpoint but /health requires (same as --api-key)

@@ -34,6 +34,7 @@ class Priority(IntEnum):
     """Bands, lowest first: a higher band wins whenever it accepts the request."""
 
     REFERENCE = 0  # torch reference: always correct, slow
+    UNVERIFIED = 5  # written and compile-checked, not yet verified on hardware: wins only over the reference
     PORTABLE = 10  # runs on a wide range of hardware (Triton, native CPU)
     PERFORMANT = 20  # tuned for a hardware family
     SPECIALISED = 30  # tuned for one arch and shape set (e.g. sm_90a, DeepSeek dims)

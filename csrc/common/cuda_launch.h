@@ -6,6 +6,8 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/cuda_types.cuh"
 
@@ -37,6 +39,14 @@ inline void check_sm90(const char* op, const at::Device& device) {
 
 inline void check_cuda_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// TOKENSPEED_DEBUG_CHECKS (tokenspeed_kernels/env.py): value checks that need a device
+// sync (e.g. cache_seqlens against the block table), off by default: graph capture forbids them.
+inline bool debug_checks() {
+  const char* v = std::getenv("TOKENSPEED_DEBUG_CHECKS");
+  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 ||
+                          std::strcmp(v, "yes") == 0 || std::strcmp(v, "on") == 0);
 }
 
 }  // namespace tokenspeed

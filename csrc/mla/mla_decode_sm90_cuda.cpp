@@ -36,12 +36,6 @@ constexpr const char* kUseRegistry =
     "; the cuda_sm90 kernel does not cover this case: select the triton or reference backend "
     "through tokenspeed_kernels.registry";
 
-bool debug_checks() {
-  const char* v = std::getenv("TOKENSPEED_DEBUG_CHECKS");
-  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 ||
-                          std::strcmp(v, "yes") == 0 || std::strcmp(v, "on") == 0);
-}
-
 int log2_exact(int64_t v) {
   int l = 0;
   while ((int64_t{1} << l) < v) ++l;

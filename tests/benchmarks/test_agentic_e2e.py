@@ -50,7 +50,9 @@ def test_sweep_writes_json_and_plot_with_cache_hits(served, tiny_model_dir, tmp_
         # turn 2+ re-sends turn 1's prompt and output: the server's prefix cache must serve most of it
         later = [v for t, v in run["prefix_cache_hit_pct_by_turn"].items() if int(t) >= 1]
         assert later and min(later) > 50, run["prefix_cache_hit_pct_by_turn"]
-        assert run["output_feedback"]["retokenized"] > 0 and run["output_feedback"]["placeholder"] == 0
+        # our server returns the generated ids, so the history is replayed exactly (no re-tokenising)
+        fb = run["output_feedback"]
+        assert fb["server_ids"] > 0 and fb["retokenized"] == 0 and fb["placeholder"] == 0, fb
     assert [f["floor_tokens_per_s"] for f in res["floors"]] == [70, 200] and res["envelope_non_steady_runs"] == []
     assert res["envelope"] and res["roofline"]["frontier"] and res["batch1"]["tokens_per_s"] > 0
     png = Path(res["plot"])
@@ -75,15 +77,21 @@ def test_sweep_writes_json_and_plot_with_cache_hits(served, tiny_model_dir, tmp_
     assert (tmp_path / "again.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_text_prompts_and_placeholder_outputs(served, tiny_model_dir, tmp_path) -> None:
+def test_text_prompts_retokenised_and_placeholder_outputs(served, tiny_model_dir, tmp_path) -> None:
     out = tmp_path / "text.json"
     assert main(["--base-url", served.url, "--concurrency", "2", *TINY_TRACE, "--tokenizer", tiny_model_dir,
                  "--prompt-format", "text", "--out", str(out)]) == 0  # fmt: skip
     run = json.loads(out.read_text())["runs"][0]
     assert run["errors"] == 0 and run["prefix_cache_hit_pct_warm"] > 50
+    # a server that returns no ids (not asked for them): outputs are re-tokenised, else placeholders
+    out = tmp_path / "retok.json"
+    assert main(["--base-url", served.url, "--concurrency", "2", *TINY_TRACE, "--tokenizer", tiny_model_dir,
+                 "--no-request-token-ids", "--out", str(out)]) == 0  # fmt: skip
+    fb = json.loads(out.read_text())["runs"][0]["output_feedback"]
+    assert fb["retokenized"] > 0 and fb["server_ids"] == 0, fb
     out = tmp_path / "ids.json"
     assert main(["--base-url", served.url, "--concurrency", "2", *TINY_TRACE, "--vocab-size", "500",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--no-request-token-ids", "--out", str(out)]) == 0  # fmt: skip
     run = json.loads(out.read_text())["runs"][0]
     assert run["output_feedback"]["placeholder"] > 0 and run["prefix_cache_hit_pct_warm"] > 30
 

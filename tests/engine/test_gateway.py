@@ -32,7 +32,7 @@ from tests.engine.test_server import _wait_idle, make_server
 from tests.engine.toy_model import ByteTokenizer, expected_text
 from tokenspeed_engine import cli
 from tokenspeed_engine.server import gateway as gw
-from tokenspeed_engine.server.app_runner import BackgroundServer, free_port
+from tokenspeed_engine.server.app_runner import BackgroundServer, free_port, free_port_block
 
 TOK = ByteTokenizer()
 
@@ -265,7 +265,7 @@ def _check_same_as_direct(gateway_url: str, direct_url: str) -> None:
 def test_smg_http_mode_in_front_of_two_replicas() -> None:
     servers = [make_server() for _ in range(2)]
     with BackgroundServer(servers[0][1]) as one, BackgroundServer(servers[1][1]) as two:
-        cfg = gw.GatewayConfig(port=free_port(), mode="http", worker_base_port=free_port(), drain_seconds=2)
+        cfg = gw.GatewayConfig(port=free_port(), mode="http", worker_base_port=free_port_block(8), drain_seconds=2)
         router = subprocess.Popen(gw.router_command(cfg, [one.url, two.url], free_port()),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{cfg.port}"
@@ -287,7 +287,9 @@ def test_smg_http_mode_in_front_of_two_replicas() -> None:
 
 def test_smg_grpc_mode_via_gateway_module(tokenizer_dir) -> None:
     """gateway.Gateway over two toy replica processes; the gateway fetches the tokenizer over GetTokenizer."""
-    cfg = gw.GatewayConfig(port=free_port(), mode="grpc", worker_base_port=free_port(), drain_seconds=2, startup_timeout_s=90)
+    cfg = gw.GatewayConfig(
+        port=free_port(), mode="grpc", worker_base_port=free_port_block(8), drain_seconds=2, startup_timeout_s=90
+    )
     with gw.Gateway(cfg, 2, replica_command(tokenizer_dir, export=True)) as g:
         workers = httpx.get(g.url + "/workers").json()["workers"]
         assert {w["runtime_type"] for w in workers} == {"tokenspeed"} and len(workers) == 2
@@ -330,7 +332,7 @@ def test_gateway_process_stops_its_children_on_sigterm(tokenizer_dir) -> None:
     check it too), then SIGTERM: exit code 0 and no child left."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tests.engine.gateway_toy", "gateway", "--port", str(port), "--dp", "2",
-                             "--mode", "http", "--worker-base-port", str(free_port()), "--tokenizer-dir", tokenizer_dir,
+                             "--mode", "http", "--worker-base-port", str(free_port_block(8)), "--tokenizer-dir", tokenizer_dir,
                              "--api-key", "s3cret"],
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -379,7 +381,7 @@ def test_cli_replica_argv_and_gateway_errors(monkeypatch, caplog) -> None:
 
 
 def test_gateway_reports_a_dead_replica_and_a_busy_port(caplog) -> None:
-    cfg = gw.GatewayConfig(port=free_port(), mode="http", worker_base_port=free_port(), startup_timeout_s=30)
+    cfg = gw.GatewayConfig(port=free_port(), mode="http", worker_base_port=free_port_block(8), startup_timeout_s=30)
     dead = gw.Gateway(cfg, 1, lambda i, http, grpc_port: [sys.executable, "-c", "raise SystemExit(3)"])
     assert dead.run() == 1 and "replica 0" in caplog.text and "exited with code 3" in caplog.text
     with socket.socket() as busy:
@@ -398,7 +400,7 @@ def test_gateway_reports_a_dead_replica_and_a_busy_port(caplog) -> None:
 def test_cli_serve_gateway_dp2_with_the_default_model() -> None:
     """`tokenspeed serve --gateway --dp 2` on CPU with the embedded SmolLM2: greedy answers through
     the gateway (which tokenises with the tokenizer the replicas export) equal a replica's own."""
-    port, base = free_port(), free_port()
+    port, base = free_port(), free_port_block(8)
     proc = subprocess.Popen([sys.executable, "-m", "tokenspeed_engine.cli", "serve", "--gateway", "--dp", "2",
                              "--device", "cpu", "--port", str(port), "--worker-base-port", str(base), "--max-model-len", "512"],
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), stderr=subprocess.PIPE, text=True)

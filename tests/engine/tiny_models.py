@@ -13,30 +13,31 @@ from tokenspeed_engine.models.configs import DeepseekV3Config, build_random_mode
 VOCAB = 211  # odd on purpose
 
 
+# The tiny DeepSeek-V3 of the engine, model and speculative tests: 3 layers (1 dense, 2 MoE),
+# 8 experts in 2 groups (group-limited routing), no q LoRA: every path of the real model.
+TINY_DEEPSEEK_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+)
+
+
 def tiny_deepseek_config(**overrides) -> DeepseekV3Config:
-    """3 layers (1 dense, 2 MoE), 8 experts in 2 groups, no q LoRA: every path of the real model."""
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        max_position_embeddings=512,
-    )
-    kw.update(overrides)
-    return DeepseekV3Config(**kw)
+    """``TINY_DEEPSEEK_DIMS`` with an odd vocabulary, as our own config."""
+    return DeepseekV3Config(**{**TINY_DEEPSEEK_DIMS, "vocab_size": VOCAB, "max_position_embeddings": 512, **overrides})
 
 
 def tiny_deepseek(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 1, **overrides):
@@ -74,15 +75,20 @@ def engine_for(runner, overlap: bool, batched_tokens: int = 64, running: int = 1
     return Engine(runner, IdTokenizer(), {eos}, EngineConfig(batched_tokens, running, enable_overlap=overlap))
 
 
-def run_engine(engine: Engine, max_steps: int = 10_000) -> dict[int, list]:
-    """Step until every request finished: request id -> its outputs."""
+def run_engine_counted(engine: Engine, max_steps: int = 10_000) -> tuple[dict[int, list], int]:
+    """Step until every request finished: (request id -> its outputs, steps taken)."""
     outs: dict[int, list] = {}
-    for _ in range(max_steps):
+    for step in range(max_steps):
         if engine.num_unfinished() == 0:
-            return outs
+            return outs, step
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
     raise AssertionError("the engine did not finish")
+
+
+def run_engine(engine: Engine, max_steps: int = 10_000) -> dict[int, list]:
+    """Step until every request finished: request id -> its outputs."""
+    return run_engine_counted(engine, max_steps)[0]
 
 
 def save_tiny_checkpoint(path: Path, seed: int = 5) -> Path:

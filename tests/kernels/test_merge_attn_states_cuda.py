@@ -8,6 +8,7 @@ import torch
 import tokenspeed_kernels as tk
 from tokenspeed_kernels.reference import merge_attn_states_ref
 from tokenspeed_kernels.testing import assert_close
+from tokenspeed_kernels.testing.graphs import capture_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -37,14 +38,7 @@ def test_matches_reference(dtype, shape, gen) -> None:
 def test_cuda_graph_replay_equals_eager_bitwise(gen) -> None:
     a, la, b, lb = _inputs((64, 16, 512), torch.bfloat16, gen)
     eager = tk.merge_attn_states(a, la, b, lb)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        tk.merge_attn_states(a, la, b, lb)  # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = tk.merge_attn_states(a, la, b, lb)
+    graph, captured = capture_graph(lambda: tk.merge_attn_states(a, la, b, lb))
     a2, la2, b2, lb2 = _inputs((64, 16, 512), torch.bfloat16, gen)
     for dst, src in ((a, a2), (la, la2), (b, b2), (lb, lb2)):
         dst.copy_(src)

@@ -16,6 +16,7 @@ import torch
 
 from tokenspeed_kernels.reference import mla_decode_ref
 from tokenspeed_kernels.testing import assert_close, make_paged_kv
+from tokenspeed_kernels.testing.graphs import capture_graph
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
@@ -175,14 +176,7 @@ def test_cuda_graph_replay_equals_eager_bitwise(gen: torch.Generator) -> None:
     heads, q_len = 16, 2
     q, paged = _case(gen, [3000, 64, 1, 777], heads, q_len, 64)
     kv, table, lens = paged.kv_cache, paged.block_table, paged.cache_seqlens
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.ops.tokenspeed.mla_decode(q, kv, table, lens, SCALE, True, DV, None)  # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = torch.ops.tokenspeed.mla_decode(q, kv, table, lens, SCALE, True, DV, None)
+    graph, captured = capture_graph(lambda: torch.ops.tokenspeed.mla_decode(q, kv, table, lens, SCALE, True, DV, None))
     # New queries and new lengths (each within its sequence's pages), written in place.
     q.copy_(torch.randn(q.shape, generator=gen).to(torch.bfloat16))
     lens.copy_(torch.tensor([2999, 1, 0, 700], dtype=torch.int32))  # no sequence needs a new page

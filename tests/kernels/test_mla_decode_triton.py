@@ -23,6 +23,7 @@ import torch
 
 from tokenspeed_kernels.reference import mla_decode_ref
 from tokenspeed_kernels.testing import TOLERANCES, assert_close, compare, make_paged_kv
+from tokenspeed_kernels.testing.graphs import capture_graph
 from tokenspeed_kernels.testing.interpreter import interpret_main, run_in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,14 +185,7 @@ def test_gpu_cuda_graph_replay_equals_eager_bitwise(gen: torch.Generator) -> Non
     q = torch.randn(4, 2, 16, 576, generator=gen).to(torch.bfloat16).cuda()
     args = (paged.kv_cache, paged.block_table, paged.cache_seqlens, SCALE, True, 512)
     eager_before = mla_decode(q, *args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        mla_decode(q, *args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = mla_decode(q, *args)
+    graph, captured = capture_graph(lambda: mla_decode(q, *args))
     paged.cache_seqlens.copy_(torch.tensor([1500, 850, 64, 2], dtype=torch.int32))  # within each one's pages
     q.copy_(torch.randn(4, 2, 16, 576, generator=gen).to(torch.bfloat16))
     graph.replay()

@@ -12,11 +12,10 @@ cached prefixes, CUDA-graph replay with changed lengths, and the prefix + chunk 
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import pytest
@@ -24,6 +23,8 @@ import torch
 
 from tokenspeed_kernels.reference import mla_prefill_ref
 from tokenspeed_kernels.testing import TOLERANCES, assert_close, compare
+from tokenspeed_kernels.testing.graphs import capture_graph
+from tokenspeed_kernels.testing.interpreter import interpret_main, run_in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -121,16 +122,7 @@ def run_merge(seed: int, device: str = "cpu") -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, dict[str, Any]]:
-    pytest.importorskip("triton")
-    seed = random.randrange(2**31)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interpret", str(seed)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines, f"interpreter subprocess failed (seed {seed}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1])
+    return run_in_interpreter(__file__)
 
 
 @pytest.mark.parametrize("case_id", [*CPU_CASES, "merge-prefix-and-chunk"])
@@ -167,7 +159,8 @@ def test_registration_traits() -> None:
     had = any(k.backend == "triton" for k in registry.kernels("mla_prefill"))
     register_triton_kernels()
     try:
-        k = registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128)
+        with registry.use_backend("triton", "mla_prefill"):  # the sm90 kernel outranks it on an H100
+            k = registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128)
         assert k.backend == "triton" and k.impl == "tokenspeed_kernels.triton.mla_prefill:mla_prefill"
         with registry.use_backend("triton", "mla_prefill"):
             for dev, dtype, dims in ((A100, torch.float16, (64, 64)), (H100, torch.bfloat16, (128, 128))):
@@ -226,14 +219,7 @@ def test_gpu_cuda_graph_replay_equals_eager_bitwise(gen: torch.Generator) -> Non
     q, k, v, cq, ck = make_inputs(pairs, 16, 16, 192, 128, torch.bfloat16, "cuda", gen, poison=0)
     args = (cq, ck, 512, 2000, 192**-0.5, True)
     eager_before = mla_prefill(q, k, v, *args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        mla_prefill(q, k, v, *args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = mla_prefill(q, k, v, *args)
+    graph, captured = capture_graph(lambda: mla_prefill(q, k, v, *args))
     cq.copy_(torch.tensor([0, 100, 350, 829], dtype=torch.int32))  # same totals are not needed, only bounds
     ck.copy_(torch.tensor([0, 1000, 1250, 2900], dtype=torch.int32))
     q.copy_(torch.randn(q.shape, generator=gen).to(torch.bfloat16))
@@ -247,17 +233,8 @@ def test_gpu_cuda_graph_replay_equals_eager_bitwise(gen: torch.Generator) -> Non
     assert_close(captured[1][:829], ref_lse[:829], "lse", torch.bfloat16, "replayed lse")
 
 
-def _interpret_main(seed: int) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    results = {}
-    jobs = [(cid, lambda s, c=case: run_case(c, s)) for cid, case in CPU_CASES.items()] + [("merge-prefix-and-chunk", run_merge)]
-    for i, (case_id, job) in enumerate(jobs):
-        try:
-            results[case_id] = job(seed + i)
-        except Exception as exc:  # report per case; the parent test names it
-            results[case_id] = {"ok": False, "report": f"seed={seed + i}: {type(exc).__name__}: {exc}"}
-    print(json.dumps(results))
-
-
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
-    _interpret_main(int(sys.argv[2]))
+    interpret_main(
+        {**{cid: partial(run_case, case) for cid, case in CPU_CASES.items()}, "merge-prefix-and-chunk": run_merge},
+        int(sys.argv[2]),
+    )

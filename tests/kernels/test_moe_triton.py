@@ -19,6 +19,7 @@ import torch
 
 from tokenspeed_kernels.reference import fused_moe_ref, moe_route_ref
 from tokenspeed_kernels.testing import TOLERANCES, assert_close, compare
+from tokenspeed_kernels.testing.graphs import capture_graph
 from tokenspeed_kernels.testing.interpreter import interpret_main, run_in_interpreter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -272,14 +273,7 @@ def test_gpu_cuda_graph_replay_equals_eager_bitwise(fp8: bool, gen: torch.Genera
         return fused_moe(x, w13, w2, w, ids, s13, s2, 0)
 
     before = step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)
     logits.copy_(torch.randn(8, DS_EXPERTS, generator=gen))
     x.copy_(torch.randn(8, DS_HIDDEN, generator=gen))
     graph.replay()

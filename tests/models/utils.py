@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tests.engine.tiny_models import TINY_DEEPSEEK_DIMS
 from tokenspeed_engine.forward_batch import ForwardMode, SequenceInput, build_forward_batch
 
 PAGE_SIZE = 4
@@ -23,28 +24,13 @@ YARN = {
 
 
 def tiny_deepseek_hf_config(**overrides):
-    """A DeepSeek-V3 config small enough for CPU: 3 layers (1 dense), 8 experts in 2 groups, YaRN."""
+    """The tests' tiny DeepSeek-V3 (``TINY_DEEPSEEK_DIMS``) as a Hugging Face config, with YaRN."""
     from transformers import DeepseekV3Config
 
     kw = dict(
+        TINY_DEEPSEEK_DIMS,
         vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        qk_nope_head_dim=16,
-        n_group=2,
-        topk_group=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
         routed_scaling_factor=2.5,
         rope_parameters=dict(YARN),
         max_position_embeddings=128,

@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import random
 
+from tests.engine.tiny_models import VOCAB, IdTokenizer, run_engine_counted, tiny_deepseek_config
 from tokenspeed_engine.engine import Engine, EngineConfig, RequestOutput
 from tokenspeed_engine.model_runner import TorchModelRunner
 from tokenspeed_engine.models.configs import DeepseekV3Config
 from tokenspeed_engine.models.deepseek_mtp import build_random_mtp_model, make_perfect_draft_
 from tokenspeed_engine.sampling import SamplingParams
 
-VOCAB = 211  # odd on purpose
 EOS = 0
 
 
 def tiny_config(**overrides) -> DeepseekV3Config:
-    """3 layers (1 dense, 2 MoE), 8 experts in 2 groups, no q LoRA, plus one NextN layer (itself MoE)."""
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        max_position_embeddings=512,
-        num_nextn_predict_layers=1,
-    )
-    kw.update(overrides)
-    return DeepseekV3Config(**kw)
+    """The engine tests' tiny DeepSeek-V3 plus one NextN layer (itself MoE)."""
+    return tiny_deepseek_config(**{"num_nextn_predict_layers": 1, **overrides})
 
 
 def random_mtp_model(seed: int = 1, **overrides):
@@ -51,16 +29,6 @@ def perfect_draft_model(seed: int = 2, num_tokens: int = 48) -> tuple[object, di
     model = random_mtp_model(seed)
     tokens = random.Random(seed).sample(range(1, VOCAB), num_tokens)
     return model, make_perfect_draft_(model, tokens, seed=seed)
-
-
-class IdTokenizer:
-    """Token ids as text ("5 17 "): lossless, so texts compare as token sequences."""
-
-    def encode(self, text: str) -> list[int]:
-        return [int(w) for w in text.split()]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f"{i} " for i in ids)
 
 
 def make_engine(
@@ -84,13 +52,7 @@ def make_engine(
 
 def run(engine: Engine, max_steps: int = 5000) -> tuple[dict[int, list[RequestOutput]], int]:
     """Step until every request finished: (request id -> its outputs, steps taken)."""
-    outs: dict[int, list[RequestOutput]] = {}
-    for step in range(max_steps):
-        if engine.num_unfinished() == 0:
-            return outs, step
-        for o in engine.step():
-            outs.setdefault(o.request_id, []).append(o)
-    raise AssertionError("the engine did not finish")
+    return run_engine_counted(engine, max_steps)
 
 
 def tokens_of(outs: dict[int, list[RequestOutput]]) -> dict[int, list[int]]:

@@ -81,7 +81,14 @@ class DeepseekV3Attention(nn.Module):
         out = run(q_nope, q_pe, batch, cache, kv_scale)
         return self.o_proj(out.reshape(T, self.heads * self.v_dim))
 
-    def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, kv_scale=None):
+    def _extend(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        batch: ForwardBatch,
+        cache: torch.Tensor,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # prefix + chunk of every sequence, packed; an fp8 cache is read back dequantised, so the
         # chunk attends to the same (quantised) latents that later decode steps will see
         latent = gather_paged_kv(cache, batch.kv_slots, kv_scale, dtype=q_nope.dtype)
@@ -103,7 +110,14 @@ class DeepseekV3Attention(nn.Module):
         )
         return out
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, kv_scale=None):
+    def _decode(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        batch: ForwardBatch,
+        cache: torch.Tensor,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # absorb W_UK into the query

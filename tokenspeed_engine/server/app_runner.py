@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -16,6 +17,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", seed: int | None = None) -> int:
+    """First of ``count`` consecutive ports that are all free now (for ``--worker-base-port``).
+
+    Drawn below Linux's ephemeral range (32768+), where ``free_port`` and every outgoing
+    connection take theirs, so a neighbour of a free port is not someone's client socket.
+    """
+    rng = random.Random(seed)
+    for _ in range(200):
+        base = rng.randrange(20_000, 32_000 - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise OSError(f"no {count} consecutive free ports on {host} in 20000..32000")
 
 
 def make_uvicorn(server: OpenAIServer, host: str, port: int, drain_seconds: int = 30) -> uvicorn.Server:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from tokenspeed_kernels import registry
+from tokenspeed_kernels.backends.moe_sm90 import register_moe_sm90_kernels
 from tokenspeed_kernels.registry import CPU_ONLY, Capability, Priority
 from tokenspeed_kernels.triton import register_triton_kernels
 
@@ -65,9 +66,34 @@ def register_builtin_kernels(built_with_cuda: bool) -> None:
         "tokenspeed_kernels.ops.mla:mla_decode",
         capability=HOPPER,
         dtypes=(torch.bfloat16,),
-        traits={"page_size": {16, 32, 64, 128, 256}, "heads": {16, 32, 64, 128}, "q_len": range(1, 9), "head_dim": {576}},
+        traits={
+            "page_size": {16, 32, 64, 128, 256},
+            "heads": {16, 32, 64, 128},
+            "q_len": range(1, 9),
+            "head_dim": {576},
+            "kv_dtype": {torch.bfloat16},  # no fp8 cache variant yet
+        },
         priority=Priority.SPECIALISED,
         description="TMA + wgmma warp-specialised decode, split-KV planned on the device (CUDA key)",
         unavailable=no_cuda,
+    )
+    registry.register(
+        "mla_prefill",
+        "cuda_sm90",
+        "tokenspeed_kernels.ops.mla:mla_prefill",
+        capability=HOPPER,
+        dtypes=(torch.bfloat16,),
+        traits={"head_dim_qk": {192}, "head_dim_v": {128}},  # any heads (multiple of kv_heads), any lengths
+        priority=Priority.UNVERIFIED,  # SPECIALISED once tests/kernels/test_mla_prefill_sm90.py passes on an H100
+        description="FA3-style ragged prefill: TMA producer, ping-pong wgmma consumers, persistent L2-aware tiles (CUDA key)",
+        unavailable=no_cuda,
+    )
+    register_moe_sm90_kernels(no_cuda)
+    registry.register(
+        "kv_cache_write",
+        "reference",
+        "tokenspeed_kernels.ops.kv_cache:kv_cache_write",  # the torch op: torch reference on CPU, Triton on CUDA
+        priority=Priority.REFERENCE,
+        description="torch.ops.tokenspeed.kv_cache_write (CPU: torch reference; CUDA: the Triton kernel)",
     )
     register_triton_kernels()  # imports Triton lazily, on first use

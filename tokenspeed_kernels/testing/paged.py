@@ -42,7 +42,8 @@ def make_paged_kv(
 
     Pages are assigned in a random order; unused slots of last pages, spare pages and the
     pages that unused block-table entries point to are NaN. For float8 dtypes the values are
-    generated in float32 and cast.
+    generated in float32 and cast, and the NaN bytes alternate between e4m3fn's two NaN codes,
+    0x7F and 0xFF (positive and negative), so a kernel that reads them cannot hide it.
     """
     pages_per_seq = [-(-n // page_size) for n in seqlens]
     used = sum(pages_per_seq)
@@ -62,8 +63,13 @@ def make_paged_kv(
             filled = min(page_size, n - p * page_size)
             values = torch.randn(filled, dim, generator=generator, dtype=torch.float32) * scale
             kv[page, :filled] = values.to(gen_dtype).to(device)
+    cache = kv.to(dtype)
+    if cache.element_size() == 1:
+        nan = torch.isnan(kv)
+        odd = torch.arange(nan.numel(), device=nan.device).reshape(nan.shape) % 2 == 1
+        cache.view(torch.uint8)[nan & odd] = 0xFF  # the cast gave 0x7F everywhere
     return PagedKV(
-        kv_cache=kv.to(dtype),
+        kv_cache=cache,
         block_table=table.to(device),
         cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device),
         page_size=page_size,

@@ -46,6 +46,19 @@ TOLERANCES: dict[str, dict[torch.dtype, Tolerance]] = {
     "routing_weights": {
         torch.float32: Tolerance(1e-6, 1e-6, 1e-5),
     },
+    # fp8 KV cache. Rows are keyed by the cache dtype.
+    # Quantise on store, compared in units of the scale (x / kv_scale against the stored code):
+    # round-to-nearest e4m3 is off by at most half an ulp, i.e. 2^-4 relative (3 mantissa bits)
+    # above 2^-6, and 2^-10 absolute among the subnormals. Exact bounds: any wider error is a bug.
+    "kv_fp8_store": {
+        torch.float8_e4m3fn: Tolerance(2**-4, 2**-10, 2**-4),
+    },
+    # Attention over the quantised cache against the unquantised one (fp64 both), O(1) data with
+    # kv_scale 1: the quantisation itself costs about 4% relative (random data, measured); the
+    # bound flags a lost or doubled scale, a wrong code, or a misread page, not rounding.
+    "attention_fp8_quantised": {
+        torch.float8_e4m3fn: Tolerance(8e-2, 0.5, 0.5),
+    },
 }
 
 

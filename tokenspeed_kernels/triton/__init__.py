@@ -21,9 +21,24 @@ def register_triton_kernels() -> None:
         "tokenspeed_kernels.triton.mla_decode:mla_decode",
         capability=NVIDIA_AMPERE_PLUS,
         dtypes=(torch.bfloat16, torch.float16),
-        traits={"page_size": {16, 32, 64, 128}, "q_len": range(1, 9), "head_dim": {576}},
+        traits={
+            "page_size": {16, 32, 64, 128},
+            "q_len": range(1, 9),
+            "head_dim": {576},
+            # the cache's dtype: q's, or e4m3 with a per-tensor scale (mla_decode_fp8.py)
+            "kv_dtype": {torch.bfloat16, torch.float16, torch.float8_e4m3fn},
+        },
         priority=Priority.PORTABLE,
-        description="Triton split-KV paged MLA decode (device-side splits, LSE combine)",
+        description="Triton split-KV paged MLA decode (device-side splits, LSE combine; bf16/fp16 or fp8 cache)",
+    )
+    registry.register(
+        "kv_cache_write",
+        "triton",
+        "tokenspeed_kernels.triton.kv_cache_write:kv_cache_write",
+        capability=Capability(frozenset({"nvidia"}), min_cc=(8, 9)),  # hardware e4m3 conversion (sm_89+)
+        dtypes=(torch.bfloat16, torch.float16, torch.float32),  # the values' dtype
+        priority=Priority.PORTABLE,
+        description="Triton paged KV write, quantising to e4m3 on store (per-tensor scale)",
     )
     registry.register(
         "mla_prefill",

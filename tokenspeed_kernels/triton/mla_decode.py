@@ -84,6 +84,96 @@ def num_splits_for(batch: int, row_blocks: int, max_tokens: int, cfg: MlaDecodeC
     return next(s for s, e in enumerate(eff, start=1) if e >= 0.85 * best)
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """The grid and output buffers of one split-KV launch (shared by the bf16 and fp8 kernels)."""
+
+    block_h: int
+    row_blocks: int
+    num_splits: int
+    o_buf: torch.Tensor  # the final out (one split) or fp32 partials [B, rows, splits, DV]
+    l_buf: torch.Tensor
+    o_strides: tuple[int, int, int]  # (batch, row, split) strides of o_buf
+    l_strides: tuple[int, int, int]
+
+    @property
+    def final(self) -> bool:
+        return self.num_splits == 1
+
+
+def plan_splits(out: torch.Tensor, lse: torch.Tensor, block_table: torch.Tensor, page_size: int,
+                cfg: MlaDecodeConfig, num_splits: int | None) -> SplitPlan:  # fmt: skip
+    """Row tiling and split count (shape-decided, see ``num_splits_for``); with one split the
+    kernel writes ``out``/``lse`` directly, else into fp32 partials the combine merges."""
+    batch, q_len, heads, head_dim_v = out.shape
+    rows = q_len * heads
+    block_h = min(cfg.block_h, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_h)
+    if num_splits is None:
+        max_tokens = block_table.shape[1] * page_size
+        num_splits = num_splits_for(batch, row_blocks, max_tokens, cfg, _sm_count(out.device))
+    if num_splits == 1:
+        return SplitPlan(block_h, row_blocks, 1, out, lse, (rows * head_dim_v, head_dim_v, 0), (rows, 1, 0))
+    # fp32 partials [B, rows, splits, DV]: a row's splits are adjacent for the combine.
+    o_buf = torch.empty(batch, rows, num_splits, head_dim_v, dtype=torch.float32, device=out.device)
+    l_buf = torch.empty(batch, rows, num_splits, dtype=torch.float32, device=out.device)
+    return SplitPlan(block_h, row_blocks, num_splits, o_buf, l_buf, o_buf.stride()[:3], l_buf.stride())
+
+
+def finish_splits(plan: SplitPlan, cache_seqlens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  cfg: MlaDecodeConfig) -> None:  # fmt: skip
+    """Merge the partials of a multi-split launch into ``out``/``lse`` (nothing for one split)."""
+    if not plan.final:
+        mla_decode_combine(plan.o_buf, plan.l_buf, cache_seqlens, out, lse, cfg.min_split_tokens, cfg.block_n)
+
+
+@triton.jit
+def _row_block(pid_r, heads, q_len, rows, seqlen, end, BLOCK_H: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's query rows (row = i * heads + h) and where their keys end.
+
+    Returns (offs_r, row_ok, qi, qh, row_end, blk_end): ``row_end`` per row, ``blk_end`` the
+    last key any row of the block sees (the loop bound). Bottom-right causal: query i sees
+    keys < seqlen - q_len + i + 1.
+    """
+    offs_r = pid_r * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = offs_r < rows
+    qi = offs_r // heads
+    qh = offs_r % heads
+    if CAUSAL:
+        row_end = tl.minimum(end, seqlen - q_len + qi + 1)
+        last_i = tl.minimum(q_len - 1, (pid_r * BLOCK_H + BLOCK_H - 1) // heads)
+        blk_end = tl.minimum(end, seqlen - q_len + last_i + 1)
+    else:
+        row_end = tl.zeros([BLOCK_H], dtype=tl.int32) + end
+        blk_end = end
+    return offs_r, row_ok, qi, qh, row_end, blk_end
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, acc):
+    """One online-softmax step on exp2-domain scores: (p, new max, new sum, rescaled acc)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def _store_split(OUT, LSE, b, split, offs_r, row_ok, offs_dv, acc, m_i, l_i, KV_SCALE,
+                 stride_ob, stride_or, stride_os, stride_lb, stride_lr, stride_ls, SCALE_OUT: tl.constexpr):  # fmt: skip
+    """Normalise and write one split's (out, lse); rows with no key get out 0, lse -inf.
+    ``SCALE_OUT``: multiply by the fp8 cache's scale (values are the dequantised cache)."""
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    if SCALE_OUT:
+        out = out * tl.load(KV_SCALE)
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptr = OUT + b * stride_ob + offs_r[:, None].to(tl.int64) * stride_or + split * stride_os + offs_dv[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * stride_lb + offs_r * stride_lr + split * stride_ls, lse, mask=row_ok)
+
+
 @triton.jit
 def _mla_decode_split_kernel(
     Q,
@@ -136,18 +226,7 @@ def _mla_decode_split_kernel(
             return
     end = tl.minimum(start + chunk, seqlen)
 
-    offs_r = pid_r * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = offs_r < rows
-    qi = offs_r // heads
-    qh = offs_r % heads
-    if CAUSAL:
-        # Bottom-right causal: query i sees keys < seqlen - q_len + i + 1.
-        row_end = tl.minimum(end, seqlen - q_len + qi + 1)
-        last_i = tl.minimum(q_len - 1, (pid_r * BLOCK_H + BLOCK_H - 1) // heads)
-        blk_end = tl.minimum(end, seqlen - q_len + last_i + 1)
-    else:
-        row_end = tl.zeros([BLOCK_H], dtype=tl.int32) + end
-        blk_end = end
+    offs_r, row_ok, qi, qh, row_end, blk_end = _row_block(pid_r, heads, q_len, rows, seqlen, end, BLOCK_H, CAUSAL)
 
     offs_dv = tl.arange(0, DV)
     offs_pe = DV + tl.arange(0, DPE)
@@ -182,24 +261,13 @@ def _mla_decode_split_kernel(
         qk = tl.dot(q_nope, tl.trans(k_nope), input_precision=DOT_PRECISION)
         qk = tl.dot(q_pe, tl.trans(k_pe), acc=qk, input_precision=DOT_PRECISION)
         qk = tl.where(offs_n[None, :] < row_end[:, None], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = _softmax_step(qk, m_i, l_i, acc)
         # p rounds to the cache's 16-bit type as on the tensor cores, also under DOT_F32.
         acc = tl.dot(p.to(P_DTYPE).to(k_nope.dtype), k_nope, acc=acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    if KV_FP8:
-        out = out * kv_scale  # values are the dequantised cache too
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptr = OUT + b * stride_ob + offs_r[:, None].to(tl.int64) * stride_or + split * stride_os + offs_dv[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * stride_lb + offs_r * stride_lr + split * stride_ls, lse, mask=row_ok)
+    _store_split(OUT, LSE, b, split, offs_r, row_ok, offs_dv, acc, m_i, l_i, KV_SCALE,
+                 stride_ob, stride_or, stride_os, stride_lb, stride_lr, stride_ls, KV_FP8)  # fmt: skip
 
 
 def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -257,34 +325,20 @@ def mla_decode_with_config(
     if batch == 0 or rows == 0:
         return out, lse
     cfg = config or default_config(rows, kv_cache.dtype)
-    block_h = min(cfg.block_h, max(16, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_h)
-    if num_splits is None:
-        max_tokens = block_table.shape[1] * page_size
-        num_splits = num_splits_for(batch, row_blocks, max_tokens, cfg, _sm_count(q.device))
+    plan = plan_splits(out, lse, block_table, page_size, cfg, num_splits)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    final = num_splits == 1
-    if final:
-        o_buf, l_buf = out, lse
-        o_strides, l_strides = (rows * head_dim_v, head_dim_v, 0), (rows, 1, 0)
-    else:
-        # fp32 partials [B, rows, splits, DV]: a row's splits are adjacent for the combine.
-        o_buf = torch.empty(batch, rows, num_splits, head_dim_v, dtype=torch.float32, device=q.device)
-        l_buf = torch.empty(batch, rows, num_splits, dtype=torch.float32, device=q.device)
-        o_strides, l_strides = o_buf.stride()[:3], l_buf.stride()
-    _mla_decode_split_kernel[(row_blocks, num_splits, batch)](
+    _mla_decode_split_kernel[(plan.row_blocks, plan.num_splits, batch)](
         q, kv_cache, block_table, cache_seqlens, kv_scale if fp8 else cache_seqlens,
-        o_buf, l_buf, float(softmax_scale),
+        plan.o_buf, plan.l_buf, float(softmax_scale),
         q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        heads, q_len, rows, num_splits, cfg.min_split_tokens, *o_strides, *l_strides,
-        DV=head_dim_v, DPE=dim - head_dim_v, PAGE_SIZE=page_size, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
-        CAUSAL=bool(causal), WRITE_FINAL=final, KV_FP8=fp8,
+        heads, q_len, rows, plan.num_splits, cfg.min_split_tokens, *plan.o_strides, *plan.l_strides,
+        DV=head_dim_v, DPE=dim - head_dim_v, PAGE_SIZE=page_size, BLOCK_H=plan.block_h, BLOCK_N=cfg.block_n,
+        CAUSAL=bool(causal), WRITE_FINAL=plan.final, KV_FP8=fp8,
         DOT_F32=_interpreting() or q.dtype == torch.float32, P_DTYPE=_TL_DTYPE[q.dtype],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or _interpreting() else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not final:
-        mla_decode_combine(o_buf, l_buf, cache_seqlens, out, lse, cfg.min_split_tokens, cfg.block_n)
+    finish_splits(plan, cache_seqlens, out, lse, cfg)
     return out, lse
 
 
@@ -298,8 +352,26 @@ def mla_decode(
     head_dim_v: int = 512,
     kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registry entry point; same signature and semantics as ``tokenspeed_kernels.ops.mla.mla_decode``."""
+    """Registry entry point; same signature and semantics as ``tokenspeed_kernels.ops.mla.mla_decode``.
+
+    An fp8 cache goes to the fp8 kernel (``mla_decode_fp8.py``: fp16 dots, register prefetch);
+    this module's own ``KV_FP8`` path (bf16 dequantisation) stays reachable through
+    ``mla_decode_with_config`` for comparison.
+    """
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        from tokenspeed_kernels.triton.mla_decode_fp8 import mla_decode_fp8
+
+        return mla_decode_fp8(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, head_dim_v, kv_scale)
     return mla_decode_with_config(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, head_dim_v, kv_scale)
 
 
-__all__ = ["MlaDecodeConfig", "default_config", "mla_decode", "mla_decode_with_config", "num_splits_for"]
+__all__ = [
+    "MlaDecodeConfig",
+    "SplitPlan",
+    "default_config",
+    "finish_splits",
+    "mla_decode",
+    "mla_decode_with_config",
+    "num_splits_for",
+    "plan_splits",
+]

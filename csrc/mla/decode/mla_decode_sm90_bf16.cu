@@ -5,32 +5,15 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
-
+#include "common/sm90_host.h"
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_kernel.cuh"
 
 namespace tokenspeed::mla_sm90 {
 namespace {
 
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point, so the extension
-// needs no link against libcuda.
-EncodeTiledFn encode_tiled() {
-  static EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                                             cudaEnableDefault, &status);
-    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) return static_cast<EncodeTiledFn>(nullptr);
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
+using sm90::encode_tiled;
+using sm90::EncodeTiledFn;
 
 // The cache viewed as a 2-D [num_pages * page_size, 576] bf16 tensor; a box is 64
 // dims x min(page_size, 64) tokens, 128-byte swizzled (one smem panel or part of one).
@@ -53,15 +36,8 @@ cudaError_t make_kv_map(CUtensorMap* map, const void* kv_cache, int64_t num_page
 // Raises the kernel's dynamic shared memory limit above 48 KB, once per device (the
 // first call happens before any graph capture in practice: warm-up).
 cudaError_t allow_large_smem() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> done[kMaxDevices] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
-  err = cudaFuncSetAttribute(mla_decode_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
-  return err;
+  static sm90::LargeSmemOptIn opt_in;
+  return opt_in.ensure(reinterpret_cast<const void*>(&mla_decode_sm90_kernel), kSmemBytes);
 }
 
 }  // namespace

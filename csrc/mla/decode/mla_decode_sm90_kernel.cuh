@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "common/sm90_ptx.cuh"
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_trace.cuh"
 
@@ -71,105 +72,7 @@ constexpr int kBarWg = 5;     // 5 + w: one consumer WG (tail rows zeroed)
 
 namespace dev {
 
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// ---- mbarriers ----
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
-// ---- TMA ----
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
-                                            uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
-
-// ---- fences and barriers ----
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-__device__ __forceinline__ void fence_barrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
-}
-
-// ---- wgmma ----
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
-}
-// Keeps the compiler from moving accesses of accumulator registers across the
-// asynchronous wgmma boundary (issue .. wait).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands (rows of 64
-// dims = 128 B, 8-row atoms 1024 B apart): LBO unused (1), SBO 1024 B. Advancing the
-// start address by 32 B steps K by 16 inside an atom (the swizzle XOR is applied to
-// the absolute address, so the panels must be 1024-byte aligned).
-__device__ __forceinline__ uint64_t desc_k_sw128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
-}
-// MN-major operand (V: keys are K, value dims are N): 64 N-contiguous values per
-// 128 B row, K rows 128 B apart, 8-row atoms 1024 B apart (SBO), the next 64 values
-// of N in the next panel, 8192 B away (LBO).
-__device__ __forceinline__ uint64_t desc_mn_sw128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>(kPanelBytes >> 4) << 16) | (64ull << 32) | (1ull << 62);
-}
+using namespace ::tokenspeed::sm90;
 
 // S[64 x 32] (+)= A[64 x 16] B[16 x 32]^T; A and B K-major in smem. The descriptors
 // are desc + kOff (kOff = byte offset / 16), added inside the asm so the compiler
@@ -439,7 +342,7 @@ __device__ __forceinline__ void issue_qk(float (&s)[16], uint32_t q_addr, uint32
 // [256w, 256w + 256) of the tile: 4 k-steps of 16 keys (one group).
 __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t stage_addr, int w) {
   const uint64_t dp = desc_k_sw128(stage_addr + kRopePanel * kPanelBytes);
-  const uint64_t dv = desc_mn_sw128(stage_addr + 4 * w * kPanelBytes);
+  const uint64_t dv = desc_mn_sw128(stage_addr + 4 * w * kPanelBytes, kPanelBytes);
   wgmma_fence();
   pv_steps(o, dp, dv, std::make_integer_sequence<int, kBlockN / 16>{});
   wgmma_commit();

@@ -1,0 +1,45 @@
+// Config choice of the sm90 MoE grouped GEMMs, in one place (host only, shape-based so a
+// call's kernels depend on shapes only and can be captured in a CUDA graph).
+//
+// The compiled variants (csrc/moe/sm90/grouped_gemm_sm90.cuh):
+//   bf16 large: 128x256x64 cooperative, cluster 2x1, bf16 or fp32 output
+//   bf16 small: 64x128x128 ping-pong, no cluster, fp32 output (decode)
+//   fp8 large:  128x128x128 cooperative blockwise-scaled, cluster 1x2, bf16 or fp32 output
+//               (no small fp8 variant: this one already streams weights at full bandwidth)
+// Output: the gate/up GEMM writes fp32 (SiLU-and-mul needs the exact accumulators); the
+// down GEMM and the standalone op write bf16 where that variant exists (large), else fp32.
+//
+// Tile (bf16): the per-expert row counts live on the device; the host only knows the
+// capacity (tokens x top_k) and the number of experts, so the choice uses their ratio. A
+// 128-row tile wastes at most half its rows at 64 rows per expert, where the 64-row tile's
+// lower throughput per FLOP about evens out; below that the small tile wins (decode streams
+// weights, and a 2x1 cluster would pair each expert's only M tile with an empty one), above
+// it the large one. With expert parallelism the capacity over-counts local rows (only the
+// local share of slots lands here), so the switch comes a little late.
+// TOKENSPEED_MOE_SM90_TILE=large|small overrides for bf16 (benchmarks, tuning).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "moe/moe_sm90.h"
+
+namespace tokenspeed::moe_sm90 {
+
+constexpr int64_t kLargeTileMinRowsPerExpert = 96;
+
+inline GemmTile choose_gemm_tile(bool fp8, int64_t rows, int64_t groups) {
+  if (fp8) return GemmTile::kLarge;
+  const char* forced = std::getenv("TOKENSPEED_MOE_SM90_TILE");
+  if (forced != nullptr && std::strcmp(forced, "large") == 0) return GemmTile::kLarge;
+  if (forced != nullptr && std::strcmp(forced, "small") == 0) return GemmTile::kSmall;
+  return rows >= kLargeTileMinRowsPerExpert * groups ? GemmTile::kLarge : GemmTile::kSmall;
+}
+
+// The output a bf16-wanting GEMM (down, standalone) gets: bf16 where compiled, else fp32.
+inline GemmOut bf16_or_f32(bool fp8, GemmTile tile) {
+  return grouped_gemm_compiled(fp8, tile, GemmOut::kBF16) ? GemmOut::kBF16 : GemmOut::kF32;
+}
+
+}  // namespace tokenspeed::moe_sm90

@@ -1,0 +1,11 @@
+// Explicit instantiation of one grouped GEMM variant (Fp8LargeF32, see grouped_gemm_sm90.cuh);
+// one variant per file so they compile in parallel.
+#include "moe/sm90/grouped_gemm_sm90.cuh"
+
+namespace tokenspeed::moe_sm90 {
+
+size_t workspace_bytes_fp8_large_f32(int groups, int sm_count) { return Fp8LargeF32::workspace_bytes(groups, sm_count); }
+
+const char* run_fp8_large_f32(const GroupedGemmParams& p, cudaStream_t stream) { return run_grouped<Fp8LargeF32>(p, stream); }
+
+}  // namespace tokenspeed::moe_sm90

@@ -1,0 +1,117 @@
+"""Triton paged KV write: one program per (token, column block), quantising to e4m3 on store.
+
+Contract: ``tokenspeed_kernels.ops.kv_cache.kv_cache_write``. The fp8 code of a value is
+``e4m3_rne(clamp(x / kv_scale, -448, 448))`` with an IEEE division (``tl.div_rn``), so the bytes
+equal the torch reference's exactly. On the GPU the cast is the hardware's round-to-nearest-even
+conversion; under the Triton interpreter, whose fp32 -> fp8 cast drops the carry into the
+exponent (1.98 -> 1.0), the code is computed with integer arithmetic instead (``_e4m3_code``)
+and stored through a uint8 view of the cache (and a bf16 cache's rounding likewise, as that
+cast truncates there).
+
+Graph-safe: no host sync; a negative slot is skipped, and so is a slot past the cache (no
+memory outside the cache is ever written; the CPU op reports such slots as errors).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _e4m3_code(x):
+    """e4m3fn byte (as int32) of fp32 ``x`` already clamped to [-448, 448]; ties to even, NaN kept."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a_bits = bits & 0x7FFFFFFF
+    a = a_bits.to(tl.float32, bitcast=True)
+    # normal range (a >= 2^-6): keep 3 mantissa bits with a ties-to-even carry, re-bias 127 -> 7
+    normal = ((a_bits + 0x7FFFF + ((a_bits >> 20) & 1)) >> 20) - (120 << 3)
+    # subnormals: multiples of 2^-9; adding 1.5 * 2^23 makes fp32 round to an integer (to even)
+    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    code = tl.where(a_bits > 0x7F800000, 0x7F, code)  # NaN
+    return code | sign
+
+
+@triton.jit
+def _round_to_bf16_grid(x):
+    """fp32 rounded to the nearest bf16 (ties to even), still in fp32; NaN kept."""
+    bits = x.to(tl.int32, bitcast=True)
+    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
+def _kv_cache_write_kernel(
+    CACHE,
+    SLOTS,
+    VALUES,
+    KV_SCALE,
+    num_slots,
+    row_len,
+    stride_v,
+    BLOCK: tl.constexpr,
+    FP8: tl.constexpr,
+    SOFT_ENCODE: tl.constexpr,  # interpreter: integer e4m3 encoding (CACHE a uint8 view), bf16 rounding
+):
+    t = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if (slot < 0) | (slot >= num_slots):
+        return
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < row_len
+    x = tl.load(VALUES + t * stride_v + offs, mask=ok, other=0.0)
+    dst = CACHE + slot * row_len + offs
+    if FP8:
+        x = tl.div_rn(x.to(tl.float32), tl.load(KV_SCALE))
+        x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX))  # saturate, keep NaN
+        if SOFT_ENCODE:
+            tl.store(dst, _e4m3_code(x).to(tl.uint8), mask=ok)
+        else:
+            tl.store(dst, x.to(tl.float8e4nv), mask=ok)
+    else:
+        if SOFT_ENCODE and CACHE.dtype.element_ty == tl.bfloat16:
+            x = _round_to_bf16_grid(x.to(tl.float32))  # the interpreter's cast truncates
+        tl.store(dst, x.to(CACHE.dtype.element_ty), mask=ok)
+
+
+def kv_cache_write(
+    kv_cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, kv_scale: torch.Tensor | None = None
+) -> None:
+    """Write ``values[t]`` into slot ``slots[t]`` of ``kv_cache`` (in place); arguments and
+    semantics as ``tokenspeed_kernels.ops.kv_cache.kv_cache_write``. Validated without a sync
+    (slot values are checked only with TOKENSPEED_DEBUG_CHECKS=1)."""
+    from tokenspeed_kernels import env
+    from tokenspeed_kernels.ops.kv_cache import check_kv_cache_write_args, check_slot_values
+
+    check_kv_cache_write_args(kv_cache, slots, values, kv_scale)
+    if env.flag(env.DEBUG_CHECKS):
+        check_slot_values(kv_cache, slots, kv_scale)
+    tokens = values.shape[0]
+    if tokens == 0:
+        return
+    row_len = kv_cache[0, 0].numel()
+    num_slots = kv_cache.shape[0] * kv_cache.shape[1]
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    soft = _interpreting()
+    block = min(1024, triton.next_power_of_2(row_len))
+    vals = values.reshape(tokens, row_len)
+    if vals.stride(1) != 1:
+        vals = vals.contiguous()
+    _kv_cache_write_kernel[(tokens, triton.cdiv(row_len, block))](
+        kv_cache.view(torch.uint8) if soft and fp8 else kv_cache, slots, vals, kv_scale if fp8 else vals,
+        num_slots, row_len, vals.stride(0),
+        BLOCK=block, FP8=fp8, SOFT_ENCODE=soft, num_warps=4,
+    )  # fmt: skip
+
+
+__all__ = ["kv_cache_write"]
