@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>  // strcasecmp
 
 #include "common/cuda_types.cuh"
 
@@ -43,10 +44,11 @@ inline void check_cuda_launch(const char* op, cudaError_t err) {
 
 // TOKENSPEED_DEBUG_CHECKS (tokenspeed_kernels/env.py): value checks that need a device
 // sync (e.g. cache_seqlens against the block table), off by default: graph capture forbids them.
+// Same spellings as tokenspeed_kernels.env.flag: 1/true/yes/on, any case.
 inline bool debug_checks() {
   const char* v = std::getenv("TOKENSPEED_DEBUG_CHECKS");
-  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 ||
-                          std::strcmp(v, "yes") == 0 || std::strcmp(v, "on") == 0);
+  return v != nullptr && (std::strcmp(v, "1") == 0 || strcasecmp(v, "true") == 0 ||
+                          strcasecmp(v, "yes") == 0 || strcasecmp(v, "on") == 0);
 }
 
 }  // namespace tokenspeed

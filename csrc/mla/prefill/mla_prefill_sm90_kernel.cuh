@@ -37,105 +37,15 @@
 #include <utility>
 
 #include "mla/prefill/mla_prefill_sm90.h"
+#include "mla/prefill/mla_prefill_sm90_layout.cuh"
 #include "mla/prefill/mla_prefill_sm90_ptx.cuh"
+#include "mla/prefill/mla_prefill_sm90_schedule.cuh"
 
 namespace tokenspeed::mla_prefill_sm90 {
-
-template <int kHeadDimQK>
-struct SmemLayout {
-  static_assert(kHeadDimQK % 64 == 0 && kHeadDimQK >= 64 && kHeadDimQK <= 256, "head_dim_qk: multiple of 64");
-  static_assert(kBlockM == 128 && kBlockN == 128, "Q and K panels share one shape: 128 rows x 128 bytes");
-  static constexpr int kPanelBytes = 128 * 128;
-  static constexpr int kQkPanels = kHeadDimQK / 64;
-  static constexpr int kVPanels = kHeadDimV / 64;
-  static constexpr int kStages = 2;
-  static constexpr int kQBytes = kQkPanels * kPanelBytes;
-  static constexpr int kKBytes = kQkPanels * kPanelBytes;
-  static constexpr int kVBytes = kVPanels * kPanelBytes;
-  static constexpr int kQOff = 0;
-  static constexpr int kKOff = kQOff + kQBytes;
-  static constexpr int kVOff = kKOff + kStages * kKBytes;
-  static constexpr int kBarOff = kVOff + kStages * kVBytes;
-  static constexpr int kQFull = kBarOff;
-  static constexpr int kQEmpty = kQFull + 8;
-  static constexpr int kKFull = kQEmpty + 8;
-  static constexpr int kKEmpty = kKFull + 8 * kStages;
-  static constexpr int kVFull = kKEmpty + 8 * kStages;
-  static constexpr int kVEmpty = kVFull + 8 * kStages;
-  static constexpr int kSmemUsed = kVEmpty + 8 * kStages;
-  static constexpr int kSmemBytes = kSmemUsed + 1024;  // slack to align the base to 1024
-  static_assert(kSmemBytes <= 227 * 1024, "prefill kernel exceeds the 227 KB shared memory limit");
-  static_assert(kKOff % 1024 == 0 && kVOff % 1024 == 0, "swizzle atoms need 1024-byte alignment");
-};
-
-constexpr int kConsumerWarps = 8;
-constexpr int kProducerRegs = 40;   // setmaxnreg: 128 x 40 + 256 x 232 = 64512 <= 65536
-constexpr int kConsumerRegs = 232;
-// Named barriers (0 is __syncthreads).
-constexpr int kBarSched = 1;  // 1 + w: consumer w's turn to issue (256 = its 128 + the other's 128)
-constexpr int kBarWg = 3;     // 3 + w: consumer w alone (after zeroing V rows)
-// Conditional rescale: a row's exponent base moves only when its max grows by more than
-// this (log2 units, a factor 256); P <= 2^8 then, exact enough in bf16 and fp32.
-constexpr float kRescaleThreshold = 8.0f;
-constexpr float kLn2 = 0.69314718055994530942f;
 
 namespace dev {
 
 using namespace ptx;
-
-// One work tile: 128 query rows of head h of sequence b.
-struct Work {
-  int b, h, m_block;
-  int q_start, lq;  // the sequence's first query token and its query count
-  int k_start, lk;  // likewise for keys
-};
-
-// Walks the schedule of mla_prefill_sm90.h for this CTA. Producer and consumer threads
-// each run one and see the same tiles in the same order.
-template <int kHeadDimQK>
-class Schedule {
- public:
-  __device__ explicit Schedule(const MlaPrefillSm90Params& p) : p_(p), t_(blockIdx.x) {}
-
-  __device__ bool next(Work& w) {
-    while (t_ >= base_ + count_) {
-      base_ += count_;
-      if (++b_ >= p_.batch) return false;
-      const int q0 = __ldg(p_.cu_seqlens_q + b_), q1 = __ldg(p_.cu_seqlens_q + b_ + 1);
-      const int k0 = __ldg(p_.cu_seqlens_k + b_), k1 = __ldg(p_.cu_seqlens_k + b_ + 1);
-      q_start_ = q0;
-      k_start_ = k0;
-      lq_ = max(q1 - q0, 0);
-      lk_ = max(k1 - k0, 0);
-      mb_ = m_blocks(lq_);
-      sw_ = section_heads(lk_, p_.heads, p_.kv_group, kHeadDimQK, p_.l2_budget);
-      count_ = mb_ * p_.heads;
-    }
-    const int local = t_ - base_;
-    const int sec_tiles = sw_ * mb_;
-    const int s = local / sec_tiles;
-    const int rem = local - s * sec_tiles;
-    const int width = min(sw_, p_.heads - s * sw_);
-    const int r = rem / width;
-    w.b = b_;
-    w.h = s * sw_ + (rem - r * width);
-    w.m_block = mb_ - 1 - r;  // heaviest (last) m-block of the section first
-    w.q_start = q_start_;
-    w.lq = lq_;
-    w.k_start = k_start_;
-    w.lk = lk_;
-    t_ += gridDim.x;
-    return true;
-  }
-
- private:
-  const MlaPrefillSm90Params& p_;
-  int t_;          // next schedule index of this CTA
-  int b_ = -1;     // sequence whose tiles hold t_ (once found)
-  int base_ = 0;   // schedule index of b_'s first tile
-  int count_ = 0;  // tiles of b_
-  int q_start_ = 0, k_start_ = 0, lq_ = 0, lk_ = 0, mb_ = 0, sw_ = 1;
-};
 
 // ---------------------------------------------------------------------------------
 // Producer: one thread issues every TMA load of the CTA.

@@ -1,0 +1,83 @@
+// How a CTA of the Hopper MLA decode kernel finds its work: a block-wide scan, and the walk
+// over the device-side plan (mla_decode_sm90.h) that producer and consumers both follow.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "mla/decode/mla_decode_sm90.h"
+
+namespace tokenspeed::mla_sm90::dev {
+
+// ---- block-wide scan over the 12 warps of the CTA ----
+__device__ __forceinline__ int block_inclusive_scan(int v, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += n;
+  }
+  if (lane == 31) scratch[warp] = v;
+  __syncthreads();
+  int before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int s = scratch[w];
+    before += w < warp ? s : 0;
+    all += s;
+  }
+  __syncthreads();  // scratch may be rewritten by the next call
+  total = all;
+  return v + before;
+}
+
+// This CTA's share of the plan (see mla_decode_sm90.h).
+struct SlotRange {
+  int x0, x1;        // plan positions [x0, x1) owned by this slot
+  int per_slot;      // plan units per slot
+  int first_b;       // the sequence whose plan range holds x0
+  int first_start;   // its P_b
+  int capacity;      // block-table capacity in tokens (lengths are clamped to it)
+  int slot;          // this CTA's slot
+};
+
+struct SegIter {
+  int b;      // next sequence to look at
+  int start;  // its plan start P_b
+};
+
+// A maximal run of tiles of one sequence inside this slot.
+struct Segment {
+  int b;      // sequence
+  int len;    // keys of the sequence (clamped)
+  int tiles;  // ceil(len / 64)
+  int t0, t1; // tiles [t0, t1) of the sequence belong to this CTA
+  int start;  // the sequence's plan start P_b
+};
+
+// Next segment with at least one tile; producer and consumers walk identical lists.
+__device__ __forceinline__ bool next_segment(const MlaDecodeSm90Params& p, const SlotRange& sr,
+                                             SegIter& it, Segment& seg) {
+  while (it.b < p.batch && it.start < sr.x1) {
+    const int len = clamp_len(__ldg(p.seqlens + it.b), sr.capacity);
+    const int tiles = seq_tiles(len);
+    const int first_tile_pos = it.start + kSegmentOverhead;
+    const int t0 = max(sr.x0 - first_tile_pos, 0);
+    const int t1 = min(sr.x1 - first_tile_pos, tiles);
+    seg.b = it.b;
+    seg.len = len;
+    seg.tiles = tiles;
+    seg.t0 = t0;
+    seg.t1 = t1;
+    seg.start = it.start;
+    it.b += 1;
+    it.start += seq_cost(tiles);
+    if (t0 < t1) return true;
+  }
+  return false;
+}
+
+}  // namespace tokenspeed::mla_sm90::dev
