@@ -1,6 +1,7 @@
 """Every Triton kernel, as its launcher calls it, compiles for sm_90 (Triton's PTX + ptxas
 pipeline, no GPU needed) and fits the H100's shared memory: CI catches a kernel that would
-fail to build or launch on the device, which the interpreter tests cannot see.
+fail to build or launch on the device, or whose tile spills registers (ptxas -v), which the
+interpreter tests cannot see.
 
 Shapes: the real model's (DeepSeek-V3 / Moonlight heads, latent 512 + rope 64, experts' dims
 scaled down only where the tile choice does not depend on them), chosen so that every tile
@@ -22,6 +23,7 @@ def _check(records: list[CompiledRecord], expected: set[str]) -> None:
     assert expected <= names, f"not compiled: {expected - names} (compiled: {names})"
     for r in records:
         assert r.shared <= HOPPER_SMEM_BYTES, f"{r.name}: {r.shared} B of shared memory > {HOPPER_SMEM_BYTES} B on sm_90"
+        assert r.spill_bytes == 0, f"{r.name}: {r.spill_bytes} B of register spills ({r.registers} registers)"
 
 
 def _decode_inputs(batch: int, q_len: int, heads: int, pages: int, kv_dtype: torch.dtype):
@@ -94,12 +96,18 @@ def test_fused_moe_compiles_for_sm90(tokens: int, fp8: bool, monkeypatch: pytest
     _check(records, {"_moe_gemm_kernel", "_combine_kernel"} | ({"_quant_fp8_kernel"} if fp8 else set()))
 
 
-def test_moe_route_compiles_for_sm90() -> None:
+# (experts, n_group, topk_group, top_k): DeepSeek-V3, Moonlight, Kimi K2, and odd sizes
+ROUTE_SHAPES = [(256, 8, 4, 8), (64, 1, 1, 6), (384, 1, 1, 8), (160, 1, 1, 6), (8, 2, 1, 2), (72, 1, 1, 3)]
+
+
+@pytest.mark.parametrize("experts,n_group,topk_group,top_k", ROUTE_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 4096])
+def test_moe_route_compiles_for_sm90(experts: int, n_group: int, topk_group: int, top_k: int, tokens: int) -> None:
     from tokenspeed_kernels.triton.moe_route import moe_route
 
-    logits = torch.randn(64, 256)
+    logits = torch.randn(tokens, experts)
     with offline_triton() as records:
-        moe_route(logits, 8, "sigmoid", torch.zeros(256), 8, 4, True, 2.5)
+        moe_route(logits, top_k, "sigmoid", torch.zeros(experts), n_group, topk_group, True, 2.5)
     _check(records, {"_moe_route_kernel"})
 
 

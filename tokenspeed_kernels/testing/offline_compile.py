@@ -5,12 +5,17 @@ makes every kernel launch a compile-only warm-up; the launchers run unchanged on
 (their outputs are garbage), so each kernel compiles with exactly the specialisation and
 constexprs a real call gives it, through Triton's own PTX + ptxas pipeline. What it catches
 without a GPU: kernels that fail to compile for the target, and tiles whose shared memory
-exceeds the SM's limit (they would fail at launch).
+exceeds the SM's limit (they would fail at launch), and register spills (ptxas -v on the PTX
+Triton produced, with Triton's own ptxas).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +34,26 @@ class CompiledRecord:
     shared: int  # bytes of shared memory the kernel needs
     num_warps: int
     num_stages: int
+    registers: int  # per thread (ptxas -v)
+    spill_bytes: int  # spill stores + spill loads (ptxas -v); 0 for a kernel that fits its registers
+
+
+def ptxas_stats(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers per thread, spill store + load bytes) of ``ptx`` from ptxas -v (Triton's ptxas)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(int(re.sub(r"\D", "", arch))).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "kernel.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas -v output: {log!r}")
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
 class _OfflineDriver:
@@ -65,7 +90,8 @@ def offline_triton(target: GPUTarget = HOPPER) -> Iterator[list[CompiledRecord]]
         touched.append(self)
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         md = kernel.metadata
-        records.append(CompiledRecord(self.fn.__name__, md.shared, md.num_warps, md.num_stages))
+        regs, spills = ptxas_stats(kernel.asm["ptx"], f"sm_{target.arch}a" if target.arch == 90 else f"sm_{target.arch}")
+        records.append(CompiledRecord(self.fn.__name__, md.shared, md.num_warps, md.num_stages, regs, spills))
         return kernel
 
     triton_driver.set_active(_OfflineDriver(target))
@@ -83,4 +109,4 @@ def shared_limit_ok(record: CompiledRecord, limit: int = HOPPER_SMEM_BYTES) -> b
     return record.shared <= limit
 
 
-__all__ = ["HOPPER", "HOPPER_SMEM_BYTES", "CompiledRecord", "offline_triton", "shared_limit_ok"]
+__all__ = ["HOPPER", "HOPPER_SMEM_BYTES", "CompiledRecord", "offline_triton", "ptxas_stats", "shared_limit_ok"]
