@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_sm90_cuda(const at::Tensor& q, co
   }
   auto out = at::empty({total_q, heads, pf::kHeadDimV}, q.options());
   auto lse = at::empty({total_q, heads}, q.options().dtype(at::kFloat));
-  if (total_q == 0) return {out, lse};
+  if (total_q == 0 || heads == 0) return {out, lse};  // nothing to compute (TMA refuses a 0-size dim)
 
   const auto* prop = at::cuda::getDeviceProperties(q.device().index());
   pf::MlaPrefillSm90Params p{};

@@ -2,12 +2,12 @@
 // TMA + wgmma, persistent CTAs. Included by one .cu per head_dim_qk (only 192 is
 // instantiated); the design and its reasoning are in csrc/mla/README.md.
 //
-// CTA = 3 warpgroups (384 threads), one CTA per SM (~209 KB of shared memory):
-//   WG0  producer (setmaxnreg 24): one thread walks the schedule and issues TMA loads:
+// CTA = 3 warpgroups (384 threads), one CTA per SM (214,096 B of shared memory):
+//   WG0  producer (setmaxnreg 40): one thread walks the schedule and issues TMA loads:
 //        Q once per work tile, then K and V tiles of 128 keys through two 2-stage
 //        rings (full / empty mbarriers). V lags K by one tile, the order the consumers
 //        need them in.
-//   WG1, WG2  consumers w = 0, 1 (setmaxnreg 240): rows 64w .. 64w + 63 of the
+//   WG1, WG2  consumers w = 0, 1 (setmaxnreg 232): rows 64w .. 64w + 63 of the
 //        128-row query tile, each on its own:
 //          S = Q K^T   wgmma m64n128k16 (A = Q, B = K, both smem, K-major), 192/16 k-steps
 //          online softmax in registers (exp2, scale folded in, conditional rescale)
