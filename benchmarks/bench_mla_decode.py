@@ -28,7 +28,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Roofline, environment, measure_roofline, rotation_sets, time_back_to_back, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Roofline,
+    drop_flashinfer_if_missing,
+    environment,
+    measure_roofline,
+    rotation_sets,
+    time_back_to_back,
+    write_json,
+)
 
 DIM, DV, PAGE = 576, 512, 64
 DEVICE = "cuda"  # the CPU only for dry runs of this script under TRITON_INTERPRET=1
@@ -215,14 +223,7 @@ def main() -> None:
     if fp8 and "flashinfer" in backends:
         print("flashinfer: fp8 latent KV not supported yet here (its fa3 e4m3 MLA module fails to build); skipped")
         backends.remove("flashinfer")
-    if "flashinfer" in backends:
-        try:
-            import flashinfer
-
-            print(f"flashinfer {flashinfer.__version__}")
-        except Exception as exc:
-            print(f"flashinfer import failed, continuing without it: {type(exc).__name__}: {exc}")
-            backends.remove("flashinfer")
+    drop_flashinfer_if_missing(backends)
 
     roof: Roofline = measure_roofline()
     env = environment()

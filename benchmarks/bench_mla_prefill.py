@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Roofline, environment, measure_roofline, rotation_sets, time_back_to_back, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Roofline,
+    drop_flashinfer_if_missing,
+    environment,
+    measure_roofline,
+    rotation_sets,
+    time_back_to_back,
+    write_json,
+)
 
 DQK, DV = 192, 128
 SCALE = DQK**-0.5
@@ -145,14 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
-    if "flashinfer" in backends:
-        try:
-            import flashinfer
-
-            print(f"flashinfer {flashinfer.__version__}")
-        except Exception as exc:
-            print(f"flashinfer import failed, continuing without it: {type(exc).__name__}: {exc}")
-            backends.remove("flashinfer")
+    drop_flashinfer_if_missing(backends)
 
     roof: Roofline = measure_roofline()
     env = environment()

@@ -111,6 +111,20 @@ def time_back_to_back(
     return best * 1e3 / calls, mode
 
 
+def drop_flashinfer_if_missing(backends: list[str]) -> None:
+    """Print FlashInfer's version, or remove it from ``backends`` (in place) when it does not
+    import: the other backends still run, and the reason is in the log."""
+    if "flashinfer" not in backends:
+        return
+    try:
+        import flashinfer
+
+        print(f"flashinfer {flashinfer.__version__}")
+    except Exception as exc:
+        print(f"flashinfer import failed, continuing without it: {type(exc).__name__}: {exc}")
+        backends.remove("flashinfer")
+
+
 def environment() -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

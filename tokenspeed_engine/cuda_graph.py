@@ -210,23 +210,30 @@ class StaticDecodeBuffers:
 
     def batch(self, bs: int, page_size: int) -> ForwardBatch:
         """A DECODE ForwardBatch of views of the first ``bs`` rows (what a graph is captured on)."""
-        return ForwardBatch(
-            mode=ForwardMode.DECODE,
-            input_ids=self.input_ids[:bs],
-            positions=self.positions[:bs],
-            seq_lens=self.seq_lens[:bs],
-            extend_lens=self.extend_lens[:bs],
-            prefix_lens=self.prefix_lens[:bs],
-            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
-            cu_seqlens_k=self.cu_seqlens_k[: bs + 1],
-            block_table=self.block_table[:bs],
-            page_size=page_size,
-            out_cache_loc=self.out_cache_loc[:bs],
-            kv_slots=self.kv_slots,
-            q_len=1,
-            max_extend_len=1,
-            max_seq_len=self.width * page_size,  # a bound: the graphed decode does not size anything by it
-        )
+        return static_decode_batch(self, bs, 1, page_size, self.input_ids)
+
+
+def static_decode_batch(buf: Any, bs: int, q_len: int, page_size: int, input_ids: torch.Tensor) -> ForwardBatch:
+    """A DECODE ForwardBatch of views of static buffers (``StaticDecodeBuffers`` or the
+    speculative verify's): ``bs`` sequences of ``q_len`` tokens each, token rows first."""
+    t = bs * q_len
+    return ForwardBatch(
+        mode=ForwardMode.DECODE,
+        input_ids=input_ids[:t],
+        positions=buf.positions[:t],
+        seq_lens=buf.seq_lens[:bs],
+        extend_lens=buf.extend_lens[:bs],
+        prefix_lens=buf.prefix_lens[:bs],
+        cu_seqlens_q=buf.cu_seqlens_q[: bs + 1],
+        cu_seqlens_k=buf.cu_seqlens_k[: bs + 1],
+        block_table=buf.block_table[:bs],
+        page_size=page_size,
+        out_cache_loc=buf.out_cache_loc[:t],
+        kv_slots=buf.kv_slots,
+        q_len=q_len,
+        max_extend_len=q_len,
+        max_seq_len=buf.width * page_size,  # a bound: the graphed decode sizes nothing by it
+    )
 
 
 class DecodeGraphs:

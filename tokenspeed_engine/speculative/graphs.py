@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from tokenspeed_engine.cuda_graph import decode_buckets, pick_bucket
-from tokenspeed_engine.forward_batch import ForwardBatch, ForwardMode
+from tokenspeed_engine.cuda_graph import decode_buckets, pick_bucket, static_decode_batch
+from tokenspeed_engine.forward_batch import ForwardBatch
 
 log = logging.getLogger("tokenspeed.speculative")
 
@@ -105,24 +105,7 @@ class StaticDecodeBatch:
 
     def batch(self, bs: int, mtp: bool = False) -> ForwardBatch:
         """A DECODE ForwardBatch of views of the first ``bs`` sequences (the MTP input ids when ``mtp``)."""
-        t = bs * self.q_len
-        return ForwardBatch(
-            mode=ForwardMode.DECODE,
-            input_ids=(self.mtp_ids if mtp else self.input_ids)[:t],
-            positions=self.positions[:t],
-            seq_lens=self.seq_lens[:bs],
-            extend_lens=self.extend_lens[:bs],
-            prefix_lens=self.prefix_lens[:bs],
-            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
-            cu_seqlens_k=self.cu_seqlens_k[: bs + 1],
-            block_table=self.block_table[:bs],
-            page_size=self.page_size,
-            out_cache_loc=self.out_cache_loc[:t],
-            kv_slots=self.kv_slots,
-            q_len=self.q_len,
-            max_extend_len=self.q_len,
-            max_seq_len=self.width * self.page_size,  # a bound; the absorbed decode sizes nothing by it
-        )
+        return static_decode_batch(self, bs, self.q_len, self.page_size, self.mtp_ids if mtp else self.input_ids)
 
 
 class _Graphs:
