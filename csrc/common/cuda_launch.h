@@ -31,6 +31,12 @@ inline int num_sms(const at::Device& device) {
 }
 
 // Kernels that use sm_90a instructions (wgmma, TMA) refuse other GPUs by name.
+// Suffix of every error a cuda_sm90 kernel raises for a case it does not cover (the case is
+// valid: another backend runs it).
+constexpr const char* kSm90UseRegistry =
+    "; the cuda_sm90 kernel does not cover this case: select the triton or reference backend "
+    "through tokenspeed_kernels.registry";
+
 inline void check_sm90(const char* op, const at::Device& device) {
   const auto* prop = at::cuda::getDeviceProperties(device.index());
   TORCH_CHECK(prop->major == 9, op, ": this kernel needs a Hopper GPU (compute capability 9.x), ",

@@ -32,9 +32,7 @@ namespace {
 namespace sm90 = tokenspeed::mla_sm90;
 
 constexpr const char* kOp = "mla_decode";
-constexpr const char* kUseRegistry =
-    "; the cuda_sm90 kernel does not cover this case: select the triton or reference backend "
-    "through tokenspeed_kernels.registry";
+constexpr const char* kUseRegistry = kSm90UseRegistry;
 
 int log2_exact(int64_t v) {
   int l = 0;

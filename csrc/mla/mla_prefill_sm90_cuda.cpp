@@ -36,9 +36,7 @@ namespace {
 namespace pf = tokenspeed::mla_prefill_sm90;
 
 constexpr const char* kOp = "mla_prefill";
-constexpr const char* kUseRegistry =
-    "; the cuda_sm90 kernel does not cover this case: select the triton or reference backend "
-    "through tokenspeed_kernels.registry";
+constexpr const char* kUseRegistry = kSm90UseRegistry;
 constexpr int64_t kHeadDimQK = 192;
 
 // TMA needs 16-byte aligned rows: the base and the token / head strides in multiples of

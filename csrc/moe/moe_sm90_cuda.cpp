@@ -75,9 +75,7 @@ namespace {
 
 namespace sm90 = tokenspeed::moe_sm90;
 
-constexpr const char* kUseRegistry =
-    "; the cuda_sm90 kernel does not cover this case: select the triton or reference backend "
-    "through tokenspeed_kernels.registry";
+constexpr const char* kUseRegistry = kSm90UseRegistry;
 constexpr int kMaxExperts = 1024;
 constexpr size_t kAlign = 256;
 
