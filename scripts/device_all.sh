@@ -4,6 +4,7 @@
 # gpu/sm90 tests file by file, then the MLA decode benchmark. Carry .whl and .whl-fi.
 # Usage: bash scripts/device_all.sh tests          (build, probe, every GPU test file; < 10 min)
 #        bash scripts/device_all.sh bench [quick|all]  (the MLA decode benchmark)
+#        bash scripts/device_all.sh norm               (RMSNorm / SiLU-and-mul: Triton vs torch)
 # Logs land in $OUT (one file per part); a summary table prints last.
 source "$(dirname "$0")/device_env.sh"
 ts_flashinfer
@@ -26,10 +27,14 @@ part throw_probe 120 bash scripts/dev/throw_probe3.sh
 for f in tests/kernels/test_merge_attn_states_cuda.py tests/kernels/test_mla_decode_sm90.py \
          tests/kernels/test_mla_decode_triton.py tests/kernels/test_mla_prefill_triton.py tests/kernels/test_moe_triton.py \
          tests/kernels/test_mla_decode_fp8.py tests/kernels/test_kv_cache_write.py tests/engine/test_cuda_graph.py \
+         tests/kernels/test_norm_ops.py \
          tests/kernels/test_mla_prefill_sm90.py tests/kernels/test_moe_sm90.py; do
   [ -f "$f" ] || continue
   part "$(basename "$f" .py)" 90 python3 -m pytest -q -x -m "gpu or sm90" -p no:cacheprovider "$f"
 done
+elif [ "$phase" = norm ]; then
+part bench_norm 120 python3 benchmarks/bench_norm.py --json "$OUT/norm_bench.json"
+tail -n 12 "$OUT/bench_norm.log"
 else
 part bench_mla_decode 500 python3 benchmarks/bench_mla_decode.py --shapes "${2:-quick}" --json "$OUT/mla_decode_bench.json"
 tail -n 30 "$OUT/bench_mla_decode.log"

@@ -6,6 +6,7 @@ must stay dependency-free.
 
 from __future__ import annotations
 
+import functools
 import os
 
 # Build (setup.py)
@@ -47,8 +48,13 @@ def cuda_archs() -> list[str]:
 
 
 def backend_overrides() -> dict[str, str]:
-    """Parse TOKENSPEED_KERNEL_BACKEND: {"*": b} or {op: backend, ...}."""
-    raw = get(KERNEL_BACKEND).strip()
+    """Parse TOKENSPEED_KERNEL_BACKEND: {"*": b} or {op: backend, ...} (do not mutate the result)."""
+    return _parse_backend_overrides(get(KERNEL_BACKEND))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_backend_overrides(raw: str) -> dict[str, str]:
+    raw = raw.strip()
     if not raw:
         return {}
     out: dict[str, str] = {}

@@ -184,6 +184,10 @@ _kernels: dict[str, list[Kernel]] = {}
 _override = threading.local()
 _plugin_errors: list[str] = []
 _plugins_loaded = False
+# select() results, keyed by everything that decides them; any (un)registration empties it.
+# Engines call select() per layer call, so an unchanged question must cost a dict lookup.
+_select_cache: dict[tuple[Any, ...], Kernel] = {}
+_SELECT_CACHE_MAX = 4096
 
 
 def register(
@@ -214,6 +218,7 @@ def register(
         entries = [k for k in _kernels.get(op, []) if k.backend != backend]
         entries.append(kernel)
         _kernels[op] = entries
+        _select_cache.clear()
     return kernel
 
 
@@ -221,6 +226,7 @@ def unregister(op: str, backend: str) -> None:
     """Remove one registration (no error if absent)."""
     with _lock:
         _kernels[op] = [k for k in _kernels.get(op, []) if k.backend != backend]
+        _select_cache.clear()
 
 
 def ops() -> list[str]:
@@ -259,10 +265,24 @@ def use_backend(backend: str, op: str = "*") -> Iterator[None]:
         stack.pop()
 
 
+UNVERIFIED_REASON = (
+    "not yet verified on hardware (priority UNVERIFIED): force it with TOKENSPEED_KERNEL_BACKEND "
+    "or registry.use_backend"
+)
+
+
 def explain(
-    op: str, device: torch.device | str | DeviceInfo | None = None, dtype: torch.dtype | None = None, **traits: Any
+    op: str,
+    device: torch.device | str | DeviceInfo | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    verified_only: bool = False,
+    **traits: Any,
 ) -> list[tuple[Kernel, str | None]]:
-    """Every kernel of ``op`` with the reason it is refused (None = acceptable), best first."""
+    """Every kernel of ``op`` with the reason it is refused (None = acceptable), best first.
+
+    ``verified_only``: refuse kernels of priority UNVERIFIED unless forced (what an engine
+    asks: code that has not run on the hardware yet must not serve requests)."""
     dev = DeviceInfo.of(device)
     forced = _forced_backend(op)
     rows = []
@@ -270,6 +290,8 @@ def explain(
         why = k.refuses(dev, dtype, traits)
         if why is None and forced is not None and k.backend != forced:
             why = f"overridden: backend {forced!r} forced"
+        if why is None and verified_only and k.priority == Priority.UNVERIFIED and k.backend != forced:
+            why = UNVERIFIED_REASON
         rows.append((k, why))
     return rows
 
@@ -286,25 +308,47 @@ def format_explain(op: str, rows: list[tuple[Kernel, str | None]]) -> str:
 
 
 def select(
-    op: str, device: torch.device | str | DeviceInfo | None = None, dtype: torch.dtype | None = None, **traits: Any
+    op: str,
+    device: torch.device | str | DeviceInfo | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    verified_only: bool = False,
+    **traits: Any,
 ) -> Kernel:
-    """The best kernel for ``op`` on ``device`` with ``dtype`` and shape ``traits``.
+    """The best kernel for ``op`` on ``device`` with ``dtype`` and shape ``traits``
+    (``verified_only``: see ``explain``).
 
     Raises NoKernelError (with the full explanation) if none accepts, including when a
     forced backend cannot serve the request: an override never falls back silently.
+    Answers are cached per (op, device, dtype, traits, override, verified_only) until the
+    next (un)registration.
     """
-    rows = explain(op, device, dtype, **traits)
+    _ensure_plugins()
+    dev = DeviceInfo.of(device)
+    forced = _forced_backend(op)
+    try:
+        key: tuple[Any, ...] | None = (op, dev, dtype, frozenset(traits.items()), forced, verified_only)
+        hit = _select_cache.get(key)
+    except TypeError:  # an unhashable trait value: answer without the cache
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    rows = explain(op, dev, dtype, verified_only=verified_only, **traits)
     if not rows:
         raise NoKernelError(f"no kernel is registered for op {op!r}; registered ops: {ops()}")
-    forced = _forced_backend(op)
     if forced is not None and not any(k.backend == forced for k, _ in rows):
         raise NoKernelError(
             f"backend {forced!r} is forced for {op!r} but not registered; backends: {[k.backend for k, _ in rows]}"
         )
     for k, why in rows:
         if why is None:
+            if key is not None:
+                with _lock:
+                    if len(_select_cache) >= _SELECT_CACHE_MAX:
+                        _select_cache.clear()
+                    _select_cache[key] = k
             return k
-    request = f"device={DeviceInfo.of(device)}, dtype={dtype}, traits={traits}"
+    request = f"device={dev}, dtype={dtype}, traits={traits}"
     raise NoKernelError(f"no kernel of {op!r} accepts {request}\n{format_explain(op, rows)}")
 
 

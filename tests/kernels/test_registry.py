@@ -165,3 +165,40 @@ def test_builtin_ops_on_fake_devices() -> None:
 def test_device_info_of_cpu() -> None:
     assert DeviceInfo.of("cpu") == CPU
     assert DeviceInfo.of(torch.device("cpu")).vendor == "cpu"
+
+
+def test_verified_only_refuses_unverified_kernels_unless_forced() -> None:
+    op = "toy_unverified"
+    registry.register(op, "reference", lambda: "reference")
+    registry.register(op, "new_kernel", lambda: "new", priority=registry.Priority.UNVERIFIED)
+    try:
+        assert registry.select(op, H100, torch.bfloat16).backend == "new_kernel"
+        assert registry.select(op, H100, torch.bfloat16, verified_only=True).backend == "reference"
+        reasons = {k.backend: why for k, why in registry.explain(op, H100, torch.bfloat16, verified_only=True)}
+        assert "UNVERIFIED" in reasons["new_kernel"] and reasons["reference"] is None
+        with registry.use_backend("new_kernel", op=op):
+            assert registry.select(op, H100, torch.bfloat16, verified_only=True).backend == "new_kernel"
+    finally:
+        registry.unregister(op, "reference")
+        registry.unregister(op, "new_kernel")
+
+
+def test_select_cache_follows_registrations_and_overrides(monkeypatch) -> None:
+    op = "toy_cached"
+    registry.register(op, "reference", lambda: "reference")
+    try:
+        assert registry.select(op, H100, torch.bfloat16).backend == "reference"
+        registry.register(op, "fast", lambda: "fast", priority=registry.Priority.PERFORMANT)
+        assert registry.select(op, H100, torch.bfloat16).backend == "fast"  # a registration empties the cache
+        with registry.use_backend("reference", op=op):
+            assert registry.select(op, H100, torch.bfloat16).backend == "reference"
+        monkeypatch.setenv(env.KERNEL_BACKEND, f"{op}=reference")
+        assert registry.select(op, H100, torch.bfloat16).backend == "reference"
+        monkeypatch.delenv(env.KERNEL_BACKEND)
+        assert registry.select(op, H100, torch.bfloat16).backend == "fast"
+        registry.unregister(op, "fast")
+        assert registry.select(op, H100, torch.bfloat16).backend == "reference"
+        assert registry.select(op, H100, torch.bfloat16, page_size=[64]).backend == "reference"  # unhashable: uncached
+    finally:
+        registry.unregister(op, "reference")
+        registry.unregister(op, "fast")

@@ -118,3 +118,20 @@ def test_kv_cache_write_compiles_for_sm90() -> None:
     with offline_triton() as records:
         kv_cache_write(cache, torch.arange(5), torch.randn(5, 576).bfloat16(), torch.ones(1))
     _check(records, {"_kv_cache_write_kernel"})
+
+
+# (rows, hidden, row stride): Moonlight / DeepSeek-V3 hidden sizes, kv_a_layernorm on a column slice
+NORM_SHAPES = [(1, 2048, None), (4096, 7168, None), (64, 512, 576), (8, 16384, None)]
+
+
+@pytest.mark.parametrize("rows,hidden,row_stride", NORM_SHAPES)
+def test_norm_ops_compile_for_sm90(rows: int, hidden: int, row_stride: int | None) -> None:
+    from tokenspeed_kernels.triton.norm import fused_add_rms_norm, rms_norm, silu_and_mul
+
+    x = torch.randn(rows, row_stride or hidden).bfloat16()[:, :hidden]
+    w = torch.ones(hidden).bfloat16()
+    with offline_triton() as records:
+        rms_norm(x, w, 1e-6)
+        fused_add_rms_norm(x, torch.zeros(rows, hidden).bfloat16(), w, 1e-6)
+        silu_and_mul(torch.randn(rows, 2 * hidden).bfloat16())
+    _check(records, {"_rms_norm_kernel", "_silu_and_mul_kernel"})

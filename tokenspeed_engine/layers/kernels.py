@@ -2,8 +2,9 @@
 
 Layers call ``kernel("mla_decode", q)(...)``: the registry picks the best implementation for
 the tensor's device and dtype (the CUDA kernels on Hopper, the C++ reference on CPU), so model
-code never names a device. Selection runs on every call, so ``registry.use_backend`` and
-``TOKENSPEED_KERNEL_BACKEND`` take effect at once; only the device query is cached.
+code never names a device. Selection runs on every call (the registry caches its answers), so
+``registry.use_backend`` and ``TOKENSPEED_KERNEL_BACKEND`` take effect at once. Kernels of
+priority UNVERIFIED (written, never run on the hardware) are not used unless forced.
 """
 
 from __future__ import annotations
@@ -29,4 +30,4 @@ def kernel(op: str, like: torch.Tensor, **traits: Any) -> Callable[..., Any]:
     device = like.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return registry.select(op, device=_device_info(device), dtype=like.dtype, **traits)
+    return registry.select(op, device=_device_info(device), dtype=like.dtype, verified_only=True, **traits)

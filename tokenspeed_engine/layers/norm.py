@@ -7,15 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenspeed_engine.layers.kernels import kernel
 from tokenspeed_engine.spmd.placement import Layout, Replicate
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / rms(x)``, normalised in fp32 and cast back before the weight (as HF does)."""
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    """``weight * x / rms(x)``, normalised in fp32 and cast back before the weight (as HF does);
+    the registry's ``rms_norm`` (the torch reference, or a verified fused kernel)."""
+    return kernel("rms_norm", x)(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +47,6 @@ class ResidualRMSNorm(RMSNorm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spmd_input is not None:
             return self.spmd_input.residual_norm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
+        if residual is not None:  # (rms_norm(x + residual), x + residual), one kernel when fused
+            return kernel("fused_add_rms_norm", x)(x, residual, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps), x

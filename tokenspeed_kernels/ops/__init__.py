@@ -3,6 +3,7 @@
 from tokenspeed_kernels.ops.kv_cache import kv_cache_gather, kv_cache_write
 from tokenspeed_kernels.ops.mla import merge_attn_states, mla_decode, mla_prefill
 from tokenspeed_kernels.ops.moe import fused_moe, moe_route
+from tokenspeed_kernels.ops.norm import fused_add_rms_norm, rms_norm, silu_and_mul
 
 __all__ = [
     "kv_cache_gather",
@@ -12,4 +13,7 @@ __all__ = [
     "merge_attn_states",
     "moe_route",
     "fused_moe",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "silu_and_mul",
 ]

@@ -14,6 +14,7 @@ from tokenspeed_kernels.reference.kv_cache import (
 )
 from tokenspeed_kernels.reference.mla import merge_attn_states_ref, mla_decode_ref, mla_prefill_ref
 from tokenspeed_kernels.reference.moe import fused_moe_ref, moe_route_ref
+from tokenspeed_kernels.reference.norm import fused_add_rms_norm_ref, rms_norm_ref, silu_and_mul_ref
 
 __all__ = [
     "dequantize_e4m3",
@@ -25,4 +26,7 @@ __all__ = [
     "merge_attn_states_ref",
     "moe_route_ref",
     "fused_moe_ref",
+    "rms_norm_ref",
+    "fused_add_rms_norm_ref",
+    "silu_and_mul_ref",
 ]

@@ -68,3 +68,13 @@ def register_triton_kernels() -> None:
         priority=Priority.PORTABLE,
         description="Triton device-aligned grouped GEMMs (fused SwiGLU, fp8 block scales, deterministic combine)",
     )
+    for op, what in (("rms_norm", "RMSNorm"), ("fused_add_rms_norm", "residual add + RMSNorm"), ("silu_and_mul", "SiLU-and-mul")):
+        registry.register(
+            op,
+            "triton",
+            f"tokenspeed_kernels.triton.norm:{op}",
+            capability=NVIDIA_AMPERE_PLUS,
+            dtypes=(torch.bfloat16, torch.float16, torch.float32),
+            priority=Priority.UNVERIFIED,  # PERFORMANT once tests/kernels/test_norm_ops.py passes on the device
+            description=f"Triton one-kernel {what} (HF rounding steps)",
+        )

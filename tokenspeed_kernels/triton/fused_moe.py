@@ -27,6 +27,7 @@ import triton.language as tl
 
 from tokenspeed_kernels.triton.moe_align import MoeAlignment, moe_align
 from tokenspeed_kernels.triton.moe_configs import MoeGemmConfig, moe_gemm_config
+from tokenspeed_kernels.triton.rounding import round_to_bf16_grid
 
 FP8_GROUP = 128
 E4M3_MAX = 448.0
@@ -45,13 +46,6 @@ def _round_to_e4m3_grid(v):
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)  # keep 3 mantissa bits
     sub = (v * 512.0 + 12582912.0) - 12582912.0  # subnormals: multiples of 2^-9 (1.5 * 2^23 forces integer rounding)
     return tl.where(tl.abs(v) < 0.015625, sub / 512.0, normal)
-
-
-@triton.jit
-def _round_to_bf16_grid(v):
-    """Round fp32 to the nearest bf16 (ties to even) in fp32; the interpreter's cast truncates."""
-    bits = v.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -136,8 +130,8 @@ def _moe_gemm_kernel(
         acc = tl.div_rn(acc, 1.0 + tl.exp(-acc)) * acc_up
     if MUL_ROUTE:
         acc = acc * tl.load(route_w_ptr + slot, mask=row_ok, other=0.0)[:, None]
-    if DOT_F32 and out_ptr.dtype.element_ty == tl.bfloat16:  # interpreter only (see _round_to_bf16_grid)
-        acc = _round_to_bf16_grid(acc)
+    if DOT_F32 and out_ptr.dtype.element_ty == tl.bfloat16:  # interpreter only (see round_to_bf16_grid)
+        acc = round_to_bf16_grid(acc)
     out_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -156,7 +150,7 @@ def _combine_kernel(
         local = (e >= 0) & (e < num_experts)
         acc += tl.load(slot_out_ptr + (t * TOP_K + j) * H + offs, mask=h_ok & local, other=0.0)
     if EXACT_CAST and out_ptr.dtype.element_ty == tl.bfloat16:
-        acc = _round_to_bf16_grid(acc)
+        acc = round_to_bf16_grid(acc)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=h_ok)
 
 

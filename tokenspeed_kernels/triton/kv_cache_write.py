@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenspeed_kernels.triton.rounding import round_to_bf16_grid
+
 E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
 
 
@@ -39,14 +41,6 @@ def _e4m3_code(x):
     code = tl.where(a < 0.015625, sub, normal)
     code = tl.where(a_bits > 0x7F800000, 0x7F, code)  # NaN
     return code | sign
-
-
-@triton.jit
-def _round_to_bf16_grid(x):
-    """fp32 rounded to the nearest bf16 (ties to even), still in fp32; NaN kept."""
-    bits = x.to(tl.int32, bitcast=True)
-    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, r)
 
 
 @triton.jit
@@ -80,7 +74,7 @@ def _kv_cache_write_kernel(
             tl.store(dst, x.to(tl.float8e4nv), mask=ok)
     else:
         if SOFT_ENCODE and CACHE.dtype.element_ty == tl.bfloat16:
-            x = _round_to_bf16_grid(x.to(tl.float32))  # the interpreter's cast truncates
+            x = round_to_bf16_grid(x.to(tl.float32))  # the interpreter's cast truncates
         tl.store(dst, x.to(CACHE.dtype.element_ty), mask=ok)
 
 

@@ -1,0 +1,86 @@
+"""RMSNorm, fused residual-add RMSNorm and SiLU-and-mul: our Triton kernels vs the torch composite
+a user would write (the HF numerics of ``tokenspeed_kernels.reference.norm``), on the device.
+
+One line per shape: ``shape | us | GB/s | % of copy roofline | x vs torch``. Timed as CUDA-graph
+replays of back-to-back calls over input sets larger than L2 (``common.time_back_to_back``);
+the roofline is the device-to-device copy bandwidth measured in the same run. At decode batch
+sizes these ops are launch-bound: the point of the fused kernels is the us column there.
+
+    python benchmarks/bench_norm.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, measure_roofline, rotation_sets, time_back_to_back, write_json  # noqa: E402
+
+from tokenspeed_kernels.reference.norm import fused_add_rms_norm_ref, rms_norm_ref, silu_and_mul_ref  # noqa: E402
+from tokenspeed_kernels.triton.norm import fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: E402
+
+# (op, rows, hidden): Moonlight hidden 2048 / DeepSeek 7168 at decode (1, 64) and prefill (8192)
+# rows; SiLU-and-mul on the Moonlight expert (1408) and DeepSeek dense (18432) intermediates
+SHAPES = [
+    ("rms_norm", 1, 2048), ("rms_norm", 64, 7168), ("rms_norm", 8192, 7168),
+    ("fused_add_rms_norm", 1, 2048), ("fused_add_rms_norm", 64, 7168), ("fused_add_rms_norm", 8192, 7168),
+    ("silu_and_mul", 1, 1408), ("silu_and_mul", 64, 18432), ("silu_and_mul", 8192, 18432),
+]  # fmt: skip
+
+
+def bytes_moved(op: str, rows: int, hidden: int) -> int:
+    """Minimum bytes read + written (bf16): what the roofline counts."""
+    if op == "rms_norm":
+        return 2 * (2 * rows * hidden + hidden)
+    if op == "fused_add_rms_norm":
+        return 2 * (4 * rows * hidden + hidden)
+    return 2 * 3 * rows * hidden  # read [rows, 2h], write [rows, h]
+
+
+def make_call(op: str, backend: str, sets: list[dict[str, torch.Tensor]]):
+    fns = {
+        ("rms_norm", "triton"): lambda t: rms_norm(t["x"], t["w"], 1e-6),
+        ("rms_norm", "torch"): lambda t: rms_norm_ref(t["x"], t["w"], 1e-6),
+        ("fused_add_rms_norm", "triton"): lambda t: fused_add_rms_norm(t["x"], t["r"], t["w"], 1e-6),
+        ("fused_add_rms_norm", "torch"): lambda t: fused_add_rms_norm_ref(t["x"], t["r"], t["w"], 1e-6),
+        ("silu_and_mul", "triton"): lambda t: silu_and_mul(t["g"]),
+        ("silu_and_mul", "torch"): lambda t: silu_and_mul_ref(t["g"]),
+    }
+    fn = fns[(op, backend)]
+    return lambda i: fn(sets[i])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    roof = measure_roofline()
+    print(f"{roof.device}, {roof.sm_count} SMs | copy {roof.copy_gbps:.0f} GB/s | {environment()}")
+    print(f"{'shape':<34} | {'backend':<7} | {'us':>8} | {'GB/s':>7} | {'% roof':>6} | {'x vs torch':>10}")
+    rows_out = []
+    for op, rows, hidden in SHAPES:
+        nbytes = bytes_moved(op, rows, hidden)
+        n_sets = rotation_sets(nbytes, roof.l2_bytes)
+        sets = []
+        for _ in range(n_sets):
+            width = 2 * hidden if op == "silu_and_mul" else hidden
+            x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+            sets.append({"x": x, "g": x, "r": torch.randn_like(x), "w": torch.randn(hidden, device="cuda").bfloat16()})
+        times = {b: time_back_to_back(make_call(op, b, sets), n_sets)[0] for b in ("torch", "triton")}
+        for b in ("triton", "torch"):
+            us = times[b]
+            gbps = nbytes / (us * 1e-6) / 1e9
+            shape = f"{op} [{rows}, {hidden}]"
+            print(f"{shape:<34} | {b:<7} | {us:8.2f} | {gbps:7.0f} | {100 * gbps / roof.copy_gbps:5.1f}% | "
+                  f"{times['torch'] / us:9.2f}x")  # fmt: skip
+            rows_out.append({"op": op, "rows": rows, "hidden": hidden, "backend": b, "us": us, "gbps": gbps})
+    if args.json:
+        write_json(args.json, {"roofline": vars(roof), "env": environment(), "rows": rows_out})
+
+
+if __name__ == "__main__":
+    main()
