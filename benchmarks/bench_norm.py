@@ -1,5 +1,6 @@
-"""RMSNorm, fused residual-add RMSNorm and SiLU-and-mul: our Triton kernels vs the torch composite
-a user would write (the HF numerics of ``tokenspeed_kernels.reference.norm``), on the device.
+"""RMSNorm, fused residual-add RMSNorm, SiLU-and-mul and the rotary embedding: our Triton kernels
+vs the torch composite a user would write (the HF numerics of ``tokenspeed_kernels.reference``),
+on the device.
 
 One line per shape: ``shape | us | GB/s | % of copy roofline | x vs torch``. Timed as CUDA-graph
 replays of back-to-back calls over input sets larger than L2 (``common.time_back_to_back``);
@@ -21,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, measure_roofline, rotation_sets, time_back_to_back, write_json  # noqa: E402
 
 from tokenspeed_kernels.reference.norm import fused_add_rms_norm_ref, rms_norm_ref, silu_and_mul_ref  # noqa: E402
+from tokenspeed_kernels.reference.rotary import rotary_embedding_ref  # noqa: E402
 from tokenspeed_kernels.triton.norm import fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: E402
+from tokenspeed_kernels.triton.rotary import rotary_embedding  # noqa: E402
 
 # (op, rows, hidden): Moonlight hidden 2048 / DeepSeek 7168 at decode (1, 64) and prefill (8192)
 # rows; SiLU-and-mul on the Moonlight expert (1408) and DeepSeek dense (18432) intermediates
@@ -29,6 +32,8 @@ SHAPES = [
     ("rms_norm", 1, 2048), ("rms_norm", 64, 7168), ("rms_norm", 8192, 7168),
     ("fused_add_rms_norm", 1, 2048), ("fused_add_rms_norm", 64, 7168), ("fused_add_rms_norm", 8192, 7168),
     ("silu_and_mul", 1, 1408), ("silu_and_mul", 64, 18432), ("silu_and_mul", 8192, 18432),
+    # rotary: hidden = query heads (16 per rank / 128), rope dim 64, one latent k head (DeepSeek)
+    ("rotary_embedding", 1, 16), ("rotary_embedding", 64, 128), ("rotary_embedding", 8192, 128),
 ]  # fmt: skip
 
 
@@ -38,6 +43,8 @@ def bytes_moved(op: str, rows: int, hidden: int) -> int:
         return 2 * (2 * rows * hidden + hidden)
     if op == "fused_add_rms_norm":
         return 2 * (4 * rows * hidden + hidden)
+    if op == "rotary_embedding":
+        return 2 * 2 * rows * (hidden + 1) * 64 + 8 * rows  # q and k read and written, positions
     return 2 * 3 * rows * hidden  # read [rows, 2h], write [rows, h]
 
 
@@ -49,6 +56,8 @@ def make_call(op: str, backend: str, sets: list[dict[str, torch.Tensor]]):
         ("fused_add_rms_norm", "torch"): lambda t: fused_add_rms_norm_ref(t["x"], t["r"], t["w"], 1e-6),
         ("silu_and_mul", "triton"): lambda t: silu_and_mul(t["g"]),
         ("silu_and_mul", "torch"): lambda t: silu_and_mul_ref(t["g"]),
+        ("rotary_embedding", "triton"): lambda t: rotary_embedding(t["pos"], t["q"], t["k"], t["inv"], 1.3, True),
+        ("rotary_embedding", "torch"): lambda t: rotary_embedding_ref(t["pos"], t["q"], t["k"], t["inv"], 1.3, True),
     }
     fn = fns[(op, backend)]
     return lambda i: fn(sets[i])
@@ -69,7 +78,13 @@ def main() -> None:
         for _ in range(n_sets):
             width = 2 * hidden if op == "silu_and_mul" else hidden
             x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-            sets.append({"x": x, "g": x, "r": torch.randn_like(x), "w": torch.randn(hidden, device="cuda").bfloat16()})
+            t = {"x": x, "g": x, "r": torch.randn_like(x), "w": torch.randn(hidden, device="cuda").bfloat16()}
+            if op == "rotary_embedding":  # DeepSeek's rope slices of the q and kv_a projections
+                t["q"] = torch.randn(rows, hidden, 192, device="cuda").bfloat16()[..., 128:]
+                t["k"] = torch.randn(rows, 576, device="cuda").bfloat16()[:, 512:].unsqueeze(1)
+                t["pos"] = torch.randint(0, 65536, (rows,), device="cuda")
+                t["inv"] = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, device="cuda").float() / 64))
+            sets.append(t)
         times = {b: time_back_to_back(make_call(op, b, sets), n_sets)[0] for b in ("torch", "triton")}
         for b in ("triton", "torch"):
             us = times[b]

@@ -4,7 +4,7 @@
 # gpu/sm90 tests file by file, then the MLA decode benchmark. Carry .whl and .whl-fi.
 # Usage: bash scripts/device_all.sh tests          (build, probe, every GPU test file; < 10 min)
 #        bash scripts/device_all.sh bench [quick|all]  (the MLA decode benchmark)
-#        bash scripts/device_all.sh norm               (RMSNorm / SiLU-and-mul: Triton vs torch)
+#        bash scripts/device_all.sh norm               (RMSNorm / SiLU-and-mul / rotary: Triton vs torch)
 # Logs land in $OUT (one file per part); a summary table prints last.
 source "$(dirname "$0")/device_env.sh"
 ts_flashinfer
@@ -27,7 +27,7 @@ part throw_probe 120 bash scripts/dev/throw_probe3.sh
 for f in tests/kernels/test_merge_attn_states_cuda.py tests/kernels/test_mla_decode_sm90.py \
          tests/kernels/test_mla_decode_triton.py tests/kernels/test_mla_prefill_triton.py tests/kernels/test_moe_triton.py \
          tests/kernels/test_mla_decode_fp8.py tests/kernels/test_kv_cache_write.py tests/engine/test_cuda_graph.py \
-         tests/kernels/test_norm_ops.py \
+         tests/kernels/test_norm_ops.py tests/kernels/test_rotary_op.py \
          tests/kernels/test_mla_prefill_sm90.py tests/kernels/test_moe_sm90.py; do
   [ -f "$f" ] || continue
   part "$(basename "$f" .py)" 90 python3 -m pytest -q -x -m "gpu or sm90" -p no:cacheprovider "$f"

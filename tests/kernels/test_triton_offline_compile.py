@@ -135,3 +135,13 @@ def test_norm_ops_compile_for_sm90(rows: int, hidden: int, row_stride: int | Non
         fused_add_rms_norm(x, torch.zeros(rows, hidden).bfloat16(), w, 1e-6)
         silu_and_mul(torch.randn(rows, 2 * hidden).bfloat16())
     _check(records, {"_rms_norm_kernel", "_silu_and_mul_kernel"})
+
+
+@pytest.mark.parametrize("q_heads,k_heads,dim,interleaved", [(16, 1, 64, True), (128, 1, 64, True), (32, 8, 128, False)])
+def test_rotary_compiles_for_sm90(q_heads: int, k_heads: int, dim: int, interleaved: bool) -> None:
+    from tokenspeed_kernels.triton.rotary import rotary_embedding
+
+    q, k = torch.randn(64, q_heads, dim).bfloat16(), torch.randn(64, k_heads, dim).bfloat16()
+    with offline_triton() as records:
+        rotary_embedding(torch.arange(64), q, k, torch.ones(dim // 2), 1.0, interleaved)
+    _check(records, {"_rotary_kernel"})

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenspeed_engine.layers.kernels import kernel
+from tokenspeed_kernels.reference.rotary import rotary_cos_sin
+
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     """RoPE parameters of an HF config dict: old style (``rope_scaling`` + ``rope_theta``) or ``rope_parameters``."""
@@ -99,17 +102,9 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``cos, sin`` of shape [T, d/2], already times the attention factor."""
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()
-        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return rotary_cos_sin(positions, self.inv_freq, self.attention_factor)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions)
-        cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        # the registry's rotary_embedding: the torch reference, or a verified one-kernel version
+        rotary = kernel("rotary_embedding", q)
+        return rotary(positions, q, k, self.inv_freq, self.attention_factor, self.interleaved)

@@ -96,11 +96,12 @@ def register_builtin_kernels(built_with_cuda: bool) -> None:
         priority=Priority.REFERENCE,
         description="torch.ops.tokenspeed.kv_cache_write (CPU: torch reference; CUDA: the Triton kernel)",
     )
-    for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul"):
+    for op, module in (("rms_norm", "norm"), ("fused_add_rms_norm", "norm"), ("silu_and_mul", "norm"),
+                       ("rotary_embedding", "rotary")):  # fmt: skip
         registry.register(
             op,
             "reference",
-            f"tokenspeed_kernels.reference.norm:{op}_ref",
+            f"tokenspeed_kernels.reference.{module}:{op}_ref",
             priority=Priority.REFERENCE,
             description="torch composite with HF numerics (any device; the CPU op and the tests' oracle)",
         )

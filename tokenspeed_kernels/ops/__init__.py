@@ -4,6 +4,7 @@ from tokenspeed_kernels.ops.kv_cache import kv_cache_gather, kv_cache_write
 from tokenspeed_kernels.ops.mla import merge_attn_states, mla_decode, mla_prefill
 from tokenspeed_kernels.ops.moe import fused_moe, moe_route
 from tokenspeed_kernels.ops.norm import fused_add_rms_norm, rms_norm, silu_and_mul
+from tokenspeed_kernels.ops.rotary import rotary_embedding
 
 __all__ = [
     "kv_cache_gather",
@@ -16,4 +17,5 @@ __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "silu_and_mul",
+    "rotary_embedding",
 ]

@@ -15,6 +15,7 @@ from tokenspeed_kernels.reference.kv_cache import (
 from tokenspeed_kernels.reference.mla import merge_attn_states_ref, mla_decode_ref, mla_prefill_ref
 from tokenspeed_kernels.reference.moe import fused_moe_ref, moe_route_ref
 from tokenspeed_kernels.reference.norm import fused_add_rms_norm_ref, rms_norm_ref, silu_and_mul_ref
+from tokenspeed_kernels.reference.rotary import rotary_embedding_ref
 
 __all__ = [
     "dequantize_e4m3",
@@ -29,4 +30,5 @@ __all__ = [
     "rms_norm_ref",
     "fused_add_rms_norm_ref",
     "silu_and_mul_ref",
+    "rotary_embedding_ref",
 ]

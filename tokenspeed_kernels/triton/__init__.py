@@ -78,3 +78,12 @@ def register_triton_kernels() -> None:
             priority=Priority.UNVERIFIED,  # PERFORMANT once tests/kernels/test_norm_ops.py passes on the device
             description=f"Triton one-kernel {what} (HF rounding steps)",
         )
+    registry.register(
+        "rotary_embedding",
+        "triton",
+        "tokenspeed_kernels.triton.rotary:rotary_embedding",
+        capability=NVIDIA_AMPERE_PLUS,
+        dtypes=(torch.bfloat16, torch.float16, torch.float32),
+        priority=Priority.UNVERIFIED,  # PERFORMANT once tests/kernels/test_rotary_op.py passes on the device
+        description="Triton rotary embedding of q and k in one kernel (angles in registers, HF rounding steps)",
+    )
