@@ -72,7 +72,7 @@ def register_triton_kernels() -> None:
         registry.register(
             op,
             "triton",
-            f"tokenspeed_kernels.triton.norm:{op}",
+            f"tokenspeed_kernels.ops.norm:{op}",  # the op: validates, then its CUDA key runs the Triton kernel
             capability=NVIDIA_AMPERE_PLUS,
             dtypes=(torch.bfloat16, torch.float16, torch.float32),
             priority=Priority.UNVERIFIED,  # PERFORMANT once tests/kernels/test_norm_ops.py passes on the device
@@ -81,7 +81,7 @@ def register_triton_kernels() -> None:
     registry.register(
         "rotary_embedding",
         "triton",
-        "tokenspeed_kernels.triton.rotary:rotary_embedding",
+        "tokenspeed_kernels.ops.rotary:rotary_embedding",  # the op: validates, then the Triton kernel (CUDA key)
         capability=NVIDIA_AMPERE_PLUS,
         dtypes=(torch.bfloat16, torch.float16, torch.float32),
         priority=Priority.UNVERIFIED,  # PERFORMANT once tests/kernels/test_rotary_op.py passes on the device
