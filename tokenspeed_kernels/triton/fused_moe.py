@@ -27,15 +27,13 @@ import triton.language as tl
 
 from tokenspeed_kernels.triton.moe_align import MoeAlignment, moe_align
 from tokenspeed_kernels.triton.moe_configs import MoeGemmConfig, moe_gemm_config
+from tokenspeed_kernels.triton.rounding import interpreting as _interpreting
 from tokenspeed_kernels.triton.rounding import round_to_bf16_grid
 
 FP8_GROUP = 128
 E4M3_MAX = 448.0
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit

@@ -18,13 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenspeed_kernels.triton.rounding import interpreting as _interpreting
 from tokenspeed_kernels.triton.rounding import round_to_bf16_grid
 
 E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
 
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tokenspeed_kernels.triton.mla_decode_combine import mla_decode_combine, split_chunk
+from tokenspeed_kernels.triton.rounding import interpreting as _interpreting
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,6 @@ def default_config(rows: int, kv_dtype: torch.dtype) -> MlaDecodeConfig:
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 @functools.lru_cache(maxsize=16)

@@ -34,7 +34,6 @@ import triton.language as tl
 
 from tokenspeed_kernels.triton.mla_decode import (
     MlaDecodeConfig,
-    _interpreting,
     _row_block,
     _softmax_step,
     _store_split,
@@ -42,6 +41,7 @@ from tokenspeed_kernels.triton.mla_decode import (
     plan_splits,
 )
 from tokenspeed_kernels.triton.mla_decode_combine import split_chunk
+from tokenspeed_kernels.triton.rounding import interpreting as _interpreting
 
 FP16_ROW_MAX_LOG2: tl.constexpr = tl.constexpr(13)  # query rows are scaled so that max |q| lies in [2^13, 2^14)
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenspeed_kernels.triton.rounding import interpreting as _interpreting
+
 
 @dataclass(frozen=True)
 class MlaPrefillConfig:
@@ -53,9 +55,6 @@ def default_config(head_dim_qk: int, head_dim_v: int, max_seqlen_q: int) -> MlaP
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 def split_head_dim(dim: int) -> tuple[int, int]:

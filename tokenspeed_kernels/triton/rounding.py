@@ -1,5 +1,5 @@
-"""Exact fp32 -> bf16 rounding for kernels that must also be exact under the Triton
-interpreter, whose fp32 -> bf16 cast truncates instead of rounding to nearest even."""
+"""What the Triton kernels share about the interpreter: whether it is running, and exact
+fp32 -> bf16 rounding (its fp32 -> bf16 cast truncates instead of rounding to nearest even)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def cast_rne(x, DTYPE: tl.constexpr, EXACT_CAST: tl.constexpr):
 
 
 def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU tests): kernels then take their exact-rounding paths."""
     return bool(triton.knobs.runtime.interpret)
 
 
