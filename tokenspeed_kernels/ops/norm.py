@@ -24,7 +24,8 @@ torch.library.define(
 torch.library.define("tokenspeed::silu_and_mul", "(Tensor x) -> Tensor")
 
 
-def _check_float(op: str, name: str, t: torch.Tensor) -> None:
+def check_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """The elementwise ops' dtypes: bf16/fp16/fp32, and fp64 on the CPU (the tests' oracles)."""
     allowed = CUDA_FLOATS if t.is_cuda else FLOATS
     if t.dtype not in allowed:
         raise ValueError(f"{op}: {name} must be one of {', '.join(str(d) for d in allowed)}, got {t.dtype}")
@@ -32,7 +33,7 @@ def _check_float(op: str, name: str, t: torch.Tensor) -> None:
 
 def check_norm_args(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> None:
     """Dtype, device, shape and stride checks; every message names the argument."""
-    _check_float(op, "x", x)
+    check_float_dtype(op, "x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must be [..., hidden] with hidden >= 1, got shape {tuple(x.shape)}")
     if weight.dtype != x.dtype:
@@ -61,7 +62,7 @@ def check_norm_args(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float, 
 
 def check_silu_and_mul_args(x: torch.Tensor) -> None:
     op = "silu_and_mul"
-    _check_float(op, "x", x)
+    check_float_dtype(op, "x", x)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"{op}: x must be [..., 2 * N] ([gate | up]), got shape {tuple(x.shape)}")
     if x.stride(-1) != 1 and x.numel() > 0:
@@ -159,4 +160,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.tokenspeed.silu_and_mul(x)
 
 
-__all__ = ["check_norm_args", "check_silu_and_mul_args", "fused_add_rms_norm", "rms_norm", "silu_and_mul"]
+__all__ = ["check_float_dtype", "check_norm_args", "check_silu_and_mul_args", "fused_add_rms_norm", "rms_norm", "silu_and_mul"]

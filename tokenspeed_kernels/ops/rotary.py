@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from tokenspeed_kernels.ops.norm import check_float_dtype
 from tokenspeed_kernels.reference.rotary import rotary_embedding_ref
 
 OP = "rotary_embedding"
-FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-CUDA_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 torch.library.define(
     "tokenspeed::rotary_embedding",
@@ -23,9 +22,7 @@ torch.library.define(
 
 def check_rotary_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor) -> None:
     """Dtype, device, rank, shape and stride checks; every message names the argument."""
-    allowed = CUDA_FLOATS if q.is_cuda else FLOATS
-    if q.dtype not in allowed:
-        raise ValueError(f"{OP}: q must be one of {', '.join(str(d) for d in allowed)}, got {q.dtype}")
+    check_float_dtype(OP, "q", q)
     if k.dtype != q.dtype:
         raise ValueError(f"{OP}: k must have q's dtype {q.dtype}, got {k.dtype}")
     if q.dim() != 3 or k.dim() != 3:
