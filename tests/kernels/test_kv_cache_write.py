@@ -231,12 +231,45 @@ def run_kernel_case(case: tuple[Any, ...], seed: int, device: str = "cpu") -> di
     ref = cache.cpu().clone()
     kv_cache_write_ref(ref, slots, values, s.cpu() if s is not None else None)
     triton_write(cache, slots.to(device), values.to(device), s)
-    got = cache.cpu()
-    if dtype == F8:
-        diff = int((got.view(torch.uint8) != ref.view(torch.uint8)).sum())
+    return _byte_report(cache.cpu(), ref, values, slots, seed)
+
+
+def _byte_report(got: torch.Tensor, ref: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, seed: int) -> dict[str, Any]:
+    """ok when the caches agree byte for byte (NaN = NaN for a bf16 cache); the report names the
+    first differing element, the value written there and both codes."""
+    if got.dtype == F8:
+        bad = got.view(torch.uint8) != ref.view(torch.uint8)
     else:
-        diff = int((~((got == ref) | (torch.isnan(got) & torch.isnan(ref)))).sum())
-    return {"ok": diff == 0, "report": f"seed={seed}: {diff} bytes/elements differ from the reference"}
+        bad = ~((got == ref) | (torch.isnan(got) & torch.isnan(ref)))
+    diff = int(bad.sum())
+    report = f"seed={seed}: {diff} bytes/elements differ from the reference"
+    if diff:
+        rows = got.flatten(0, 1).flatten(1)
+        row, col = (int(i) for i in bad.flatten(0, 1).flatten(1).nonzero()[0])
+        token = int((slots == row).nonzero()[0, 0]) if bool((slots == row).any()) else None
+        value = float(values.reshape(values.shape[0], -1)[token, col]) if token is not None else None
+        as_int = (lambda t: int(t.view(torch.uint8))) if got.dtype == F8 else float
+        report += (f"; first at slot {row}, column {col}: value {value!r}, got {as_int(rows[row, col])}, "
+                   f"want {as_int(ref.flatten(0, 1).flatten(1)[row, col])}")  # fmt: skip
+    return {"ok": diff == 0, "report": report}
+
+
+def run_every_bf16_case(scale: float, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Every bf16 bit pattern (zeros, subnormals, ties, 448 +- ulp, inf, NaN) through the fp8 write:
+    the bytes equal the reference's for each one, not only for the values random data hits."""
+    from tokenspeed_kernels.triton.kv_cache_write import kv_cache_write as triton_write
+
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(128, 512)
+    slots = torch.arange(128)
+    cache = _cache_with_nan_bytes(2, 64, (512,)).to(device)
+    s = torch.tensor([scale])
+    ref = cache.cpu().clone()
+    kv_cache_write_ref(ref, slots, values, s)
+    triton_write(cache, slots.to(device), values.to(device), s.to(device))
+    return _byte_report(cache.cpu(), ref, values, slots, seed)
+
+
+EVERY_BF16_SCALES = {"fp8-every-bf16-scale1": 1.0, "fp8-every-bf16-scale0.0371": 0.0371}
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +277,7 @@ def interpreter_results() -> dict[str, dict[str, Any]]:
     return run_in_interpreter(__file__)
 
 
-@pytest.mark.parametrize("case_id", list(KERNEL_CASES))
+@pytest.mark.parametrize("case_id", [*KERNEL_CASES, *EVERY_BF16_SCALES])
 def test_triton_interpreter_matches_reference_bytes(case_id: str, interpreter_results: dict[str, dict[str, Any]]) -> None:
     result = interpreter_results[case_id]
     assert result["ok"], result["report"]
@@ -254,6 +287,13 @@ def test_triton_interpreter_matches_reference_bytes(case_id: str, interpreter_re
 @pytest.mark.parametrize("case_id", list(KERNEL_CASES))
 def test_gpu_matches_reference_bytes(case_id: str, gen: torch.Generator) -> None:
     result = run_kernel_case(KERNEL_CASES[case_id], int(torch.randint(0, 2**31, (1,), generator=gen)), "cuda")
+    assert result["ok"], result["report"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_id", list(EVERY_BF16_SCALES))
+def test_gpu_every_bf16_value_matches_reference_bytes(case_id: str) -> None:
+    result = run_every_bf16_case(EVERY_BF16_SCALES[case_id], 0, "cuda")
     assert result["ok"], result["report"]
 
 
@@ -278,4 +318,6 @@ def test_gpu_write_in_cuda_graph(gen: torch.Generator) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
-    interpret_main({cid: partial(run_kernel_case, case) for cid, case in KERNEL_CASES.items()}, int(sys.argv[2]))
+    cases = {cid: partial(run_kernel_case, case) for cid, case in KERNEL_CASES.items()}
+    cases |= {cid: partial(run_every_bf16_case, scale) for cid, scale in EVERY_BF16_SCALES.items()}
+    interpret_main(cases, int(sys.argv[2]))

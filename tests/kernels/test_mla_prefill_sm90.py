@@ -156,8 +156,8 @@ def test_registration() -> None:
     from tokenspeed_kernels import registry
     from tokenspeed_kernels.registry import A100, B200, H100
 
-    k = registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128)
-    assert k.backend == "triton"  # cuda_sm90 is UNVERIFIED until its GPU tests pass on an H100
+    k = registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128, verified_only=True)
+    assert k.backend == ("cuda_sm90" if tokenspeed_kernels.build_info()["cuda"] else "triton")  # verified on an H100
     with registry.use_backend("cuda_sm90", "mla_prefill"):
         if tokenspeed_kernels.build_info()["cuda"]:
             assert registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128).backend == "cuda_sm90"

@@ -144,9 +144,10 @@ def test_builtin_ops_on_fake_devices() -> None:
         assert registry.select(op, B200, torch.bfloat16).backend == "triton"
         assert registry.select(op, A100, torch.bfloat16).backend == "triton"
     cuda_built = tokenspeed_kernels.build_info()["cuda"]
-    # The sm90 prefill and MoE kernels are UNVERIFIED (not yet run on hardware): Triton outranks them.
-    assert registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128).backend == "triton"
-    assert registry.select("fused_moe", H100, torch.bfloat16).backend == "triton"
+    # The sm90 prefill and MoE kernels (verified on an H100) outrank Triton on Hopper in a CUDA build.
+    sm90 = "cuda_sm90" if cuda_built else "triton"
+    assert registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128).backend == sm90
+    assert registry.select("fused_moe", H100, torch.bfloat16).backend == sm90
     if cuda_built:
         with registry.use_backend("cuda_sm90", "mla_prefill"):
             assert registry.select("mla_prefill", H100, torch.bfloat16, head_dim_qk=192, head_dim_v=128).backend == "cuda_sm90"

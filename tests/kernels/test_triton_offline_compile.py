@@ -10,6 +10,8 @@ config of the heuristics is reached (row tiles 16 / 32 / 64, split and no-split,
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -145,3 +147,7 @@ def test_rotary_compiles_for_sm90(q_heads: int, k_heads: int, dim: int, interlea
     with offline_triton() as records:
         rotary_embedding(torch.arange(64), q, k, torch.ones(dim // 2), 1.0, interleaved)
     _check(records, {"_rotary_kernel"})
+    # the reference rounds each product to bf16 before the sum: a contracted bf16 fma skips
+    # that rounding (on the H100 it missed the reference by 3x the tolerance where products cancel)
+    fused = re.findall(r"\bfma\.rn\.(?:bf16|f16)\w*", records[0].ptx)
+    assert not fused, f"_rotary_kernel fuses rounded products into {sorted(set(fused))}"

@@ -63,7 +63,7 @@ def register_moe_sm90_kernels(unavailable: str | None) -> None:
         "tokenspeed_kernels.ops.moe:fused_moe",
         capability=HOPPER,
         dtypes=(torch.bfloat16,),  # activations; experts bf16 or fp8 e4m3 with 128x128 block scales
-        priority=Priority.UNVERIFIED,  # SPECIALISED once tests/kernels/test_moe_sm90.py passes on an H100
+        priority=Priority.SPECIALISED,  # tests/kernels/test_moe_sm90.py on the H100, 2026-11-23 (benchmarks/RESULTS.md)
         description="CUTLASS ptr-array grouped GEMMs (TMA + wgmma, fp8 blockwise), device-side routing map",
         unavailable=unavailable,
     )

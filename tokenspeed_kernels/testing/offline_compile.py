@@ -36,6 +36,7 @@ class CompiledRecord:
     num_stages: int
     registers: int  # per thread (ptxas -v)
     spill_bytes: int  # spill stores + spill loads (ptxas -v); 0 for a kernel that fits its registers
+    ptx: str  # what Triton generated, for checks on the instructions it chose
 
 
 def ptxas_stats(ptx: str, arch: str) -> tuple[int, int]:
@@ -91,7 +92,7 @@ def offline_triton(target: GPUTarget = HOPPER) -> Iterator[list[CompiledRecord]]
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         md = kernel.metadata
         regs, spills = ptxas_stats(kernel.asm["ptx"], f"sm_{target.arch}a" if target.arch == 90 else f"sm_{target.arch}")
-        records.append(CompiledRecord(self.fn.__name__, md.shared, md.num_warps, md.num_stages, regs, spills))
+        records.append(CompiledRecord(self.fn.__name__, md.shared, md.num_warps, md.num_stages, regs, spills, kernel.asm["ptx"]))
         return kernel
 
     triton_driver.set_active(_OfflineDriver(target))

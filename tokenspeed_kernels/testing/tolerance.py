@@ -40,8 +40,11 @@ TOLERANCES: dict[str, dict[torch.dtype, Tolerance]] = {
         torch.float32: Tolerance(1e-5, 1e-5, 1e-4),
         torch.float16: Tolerance(5e-3, 5e-3, 3e-2),
         torch.bfloat16: Tolerance(1.5e-2, 2e-2, 6e-2),
-        # fp8 experts: a flip of one e4m3 rounding of the intermediate moves a few outputs.
-        torch.float8_e4m3fn: Tolerance(2e-2, 5e-2, 1e-1),
+        # fp8 experts: the kernel's GEMM accumulation (wgmma's reduced-precision accumulator
+        # within a 128-deep k block) flips e4m3 roundings of the intermediate against the fp32
+        # contract, and a flip near a group's amax moves outputs by up to ~0.1 (O(0.4) outputs).
+        # Calibrated in tests/kernels/test_moe_sm90.py (noise admitted, a wrong scale caught).
+        torch.float8_e4m3fn: Tolerance(3e-2, 0.15, 1e-1),
     },
     # RMSNorm / SiLU-and-mul against their references: same rounding steps, so only the fp32
     # sum order and the last bit of rsqrt / exp differ; after rounding, about 2 ulps of the dtype.
