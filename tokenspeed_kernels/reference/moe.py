@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 FP8_BLOCK = 128
@@ -93,4 +95,45 @@ def fused_moe_ref(
             if fp8:
                 act = quant_dequant_fp8_activation(act)
             out[t] += float(topk_weights[t, j]) * (act @ wd.T)[0]
+    return out.to(hidden_states.dtype)
+
+
+def fused_moe_by_expert_ref(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    expert_offset: int = 0,
+    perturb_gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``fused_moe_ref``'s math expert by expert (as csrc/moe/moe_cpu.cpp): each expert's weights
+    are dequantised once, so DeepSeek-V3 shapes take seconds on a GPU rather than minutes.
+    fp64 / fp32 accumulation as the inputs say; works on any device.
+    ``perturb_gate_up(gate_up)`` models a GEMM that accumulates differently (tolerance calibration)."""
+    acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    inter = w2.shape[2]
+    out = torch.zeros(hidden_states.shape, dtype=acc, device=hidden_states.device)
+    local = topk_ids.long() - expert_offset
+    for e in range(w13.shape[0]):
+        hit = (local == e).nonzero()
+        if hit.numel() == 0:
+            continue
+        tok, slot = hit[:, 0], hit[:, 1]
+        x = hidden_states[tok].to(acc)
+        if fp8:
+            x = quant_dequant_fp8_activation(x)
+        wg = dequant_fp8_block_weight(w13[e], w13_scale[e], acc) if fp8 else w13[e].to(acc)
+        gate_up = x @ wg.T
+        if perturb_gate_up is not None:
+            gate_up = perturb_gate_up(gate_up)
+        act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        act = act.to(hidden_states.dtype).to(acc)  # the intermediate is stored in the activation dtype
+        if fp8:
+            act = quant_dequant_fp8_activation(act)
+        wd = dequant_fp8_block_weight(w2[e], w2_scale[e], acc) if fp8 else w2[e].to(acc)
+        out.index_add_(0, tok, (act @ wd.T) * topk_weights[tok, slot].to(acc)[:, None])
     return out.to(hidden_states.dtype)
