@@ -63,6 +63,33 @@ def dequant_fp8_block_weight(w: torch.Tensor, scale: torch.Tensor, dtype: torch.
     return w.to(dtype) * s
 
 
+def _expert_ffn(
+    x: torch.Tensor,
+    e: int,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    act_dtype: torch.dtype,
+    perturb_gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Local expert ``e`` on rows ``x`` (already in the accumulation dtype): down(silu(gate) * up),
+    with the fp8 round trips of the activations when the experts are fp8."""
+    acc, fp8, inter = x.dtype, w13.dtype == torch.float8_e4m3fn, w2.shape[2]
+    if fp8:
+        x = quant_dequant_fp8_activation(x)
+    wg = dequant_fp8_block_weight(w13[e], w13_scale[e], acc) if fp8 else w13[e].to(acc)
+    gate_up = x @ wg.T
+    if perturb_gate_up is not None:
+        gate_up = perturb_gate_up(gate_up)
+    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    act = act.to(act_dtype).to(acc)  # the intermediate is stored in the activation dtype
+    if fp8:
+        act = quant_dequant_fp8_activation(act)
+    wd = dequant_fp8_block_weight(w2[e], w2_scale[e], acc) if fp8 else w2[e].to(acc)
+    return act @ wd.T
+
+
 def fused_moe_ref(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
@@ -75,26 +102,15 @@ def fused_moe_ref(
 ) -> torch.Tensor:
     """Reference of ``tokenspeed::fused_moe``, token by token and slot by slot."""
     acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-    fp8 = w13.dtype == torch.float8_e4m3fn
-    local = w13.shape[0]
-    inter = w2.shape[2]
     out = torch.zeros(hidden_states.shape, dtype=acc, device=hidden_states.device)
     for t in range(hidden_states.shape[0]):
         x = hidden_states[t : t + 1].to(acc)
-        if fp8:
-            x = quant_dequant_fp8_activation(x)
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j]) - expert_offset
-            if not 0 <= e < local:
+            if not 0 <= e < w13.shape[0]:
                 continue  # another rank's expert
-            wg = dequant_fp8_block_weight(w13[e], w13_scale[e], acc) if fp8 else w13[e].to(acc)
-            wd = dequant_fp8_block_weight(w2[e], w2_scale[e], acc) if fp8 else w2[e].to(acc)
-            gate_up = x @ wg.T
-            act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            act = act.to(hidden_states.dtype).to(acc)  # the intermediate is stored in the activation dtype
-            if fp8:
-                act = quant_dequant_fp8_activation(act)
-            out[t] += float(topk_weights[t, j]) * (act @ wd.T)[0]
+            y = _expert_ffn(x, e, w13, w2, w13_scale, w2_scale, hidden_states.dtype)
+            out[t] += float(topk_weights[t, j]) * y[0]
     return out.to(hidden_states.dtype)
 
 
@@ -109,13 +125,11 @@ def fused_moe_by_expert_ref(
     expert_offset: int = 0,
     perturb_gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``fused_moe_ref``'s math expert by expert (as csrc/moe/moe_cpu.cpp): each expert's weights
-    are dequantised once, so DeepSeek-V3 shapes take seconds on a GPU rather than minutes.
+    """``fused_moe_ref`` expert by expert (as csrc/moe/moe_cpu.cpp): each expert's weights are
+    dequantised once, so DeepSeek-V3 shapes take seconds on a GPU rather than minutes.
     fp64 / fp32 accumulation as the inputs say; works on any device.
     ``perturb_gate_up(gate_up)`` models a GEMM that accumulates differently (tolerance calibration)."""
     acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-    fp8 = w13.dtype == torch.float8_e4m3fn
-    inter = w2.shape[2]
     out = torch.zeros(hidden_states.shape, dtype=acc, device=hidden_states.device)
     local = topk_ids.long() - expert_offset
     for e in range(w13.shape[0]):
@@ -123,17 +137,6 @@ def fused_moe_by_expert_ref(
         if hit.numel() == 0:
             continue
         tok, slot = hit[:, 0], hit[:, 1]
-        x = hidden_states[tok].to(acc)
-        if fp8:
-            x = quant_dequant_fp8_activation(x)
-        wg = dequant_fp8_block_weight(w13[e], w13_scale[e], acc) if fp8 else w13[e].to(acc)
-        gate_up = x @ wg.T
-        if perturb_gate_up is not None:
-            gate_up = perturb_gate_up(gate_up)
-        act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        act = act.to(hidden_states.dtype).to(acc)  # the intermediate is stored in the activation dtype
-        if fp8:
-            act = quant_dequant_fp8_activation(act)
-        wd = dequant_fp8_block_weight(w2[e], w2_scale[e], acc) if fp8 else w2[e].to(acc)
-        out.index_add_(0, tok, (act @ wd.T) * topk_weights[tok, slot].to(acc)[:, None])
+        y = _expert_ffn(hidden_states[tok].to(acc), e, w13, w2, w13_scale, w2_scale, hidden_states.dtype, perturb_gate_up)
+        out.index_add_(0, tok, y * topk_weights[tok, slot].to(acc)[:, None])
     return out.to(hidden_states.dtype)
