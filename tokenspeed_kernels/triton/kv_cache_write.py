@@ -3,9 +3,10 @@
 Contract: ``tokenspeed_kernels.ops.kv_cache.kv_cache_write``. The fp8 code of a value is
 ``e4m3_rne(clamp(x / kv_scale, -448, 448))`` with an IEEE division (``tl.div_rn``), so the bytes
 equal the torch reference's exactly. The code is computed with integer arithmetic
-(``_e4m3_code``) and stored through a uint8 view of the cache, on the GPU too: the H100's
-fp32 -> e4m3 conversion missed torch's byte for about one bf16 value in 5000 (device run,
-2026-11-23), and the Triton interpreter's cast drops the carry into the exponent (1.98 -> 1.0).
+(``_e4m3_code``, equal to torch's byte for every bf16 value: tested) and stored through a uint8
+view of the cache, on the GPU too: with the hardware fp32 -> e4m3 conversion, the H100 run of
+2026-11-23 missed torch's byte once per bf16 test case (about 1 value in 5000; which value was
+not captured), and the Triton interpreter's cast drops the carry into the exponent (1.98 -> 1.0).
 A bf16 cache's rounding is done on the bf16 grid under the interpreter, whose cast truncates.
 
 Graph-safe: no host sync; a negative slot is skipped, and so is a slot past the cache (no
