@@ -121,7 +121,7 @@ def test_cpu_op_bad_fp8_input(change: dict[str, Any], pattern: str, gen: torch.G
     "change,pattern",
     [
         (dict(kv_scale=None), r"kv_scale \(float32 \[1\]\) is required"),
-        (dict(kv_scale=torch.tensor([1.0], dtype=torch.float16)), r"kv_scale must be torch.float32, got torch.float16"),
+        (dict(kv_scale=torch.tensor([1.0], dtype=torch.float16)), r"kv_scale must be float32, got torch.float16"),
         (dict(kv_scale=torch.ones(1, 2)), r"kv_scale must hold one per-tensor scale, got shape \(1, 2\)"),
         (dict(q=torch.randn(2, 1, 4, 576, dtype=torch.float64)), r"q must be bfloat16/float16"),
         (dict(kv_cache=torch.zeros(4, 16, 576, dtype=torch.float8_e5m2)), r"kv_cache must be torch.float8_e4m3fn"),

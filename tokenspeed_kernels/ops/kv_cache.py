@@ -23,6 +23,16 @@ torch.library.define(
 )
 
 
+def check_fp8_kv_scale(op: str, kv_scale: torch.Tensor | None) -> None:
+    """The per-tensor scale an e4m3 cache needs: float32, one value (every fp8 cache op checks it so)."""
+    if kv_scale is None:
+        raise ValueError(f"{op}: kv_cache is float8_e4m3fn, so kv_scale (float32 [1]) is required")
+    if kv_scale.dtype != torch.float32:
+        raise ValueError(f"{op}: kv_scale must be float32, got {kv_scale.dtype}")
+    if kv_scale.numel() != 1:
+        raise ValueError(f"{op}: kv_scale must hold one per-tensor scale, got shape {tuple(kv_scale.shape)}")
+
+
 def check_kv_cache_write_args(
     kv_cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, kv_scale: torch.Tensor | None
 ) -> None:
@@ -34,12 +44,7 @@ def check_kv_cache_write_args(
     if slots.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{OP}: slots must be int64 or int32, got {slots.dtype}")
     if kv_cache.dtype == torch.float8_e4m3fn:
-        if kv_scale is None:
-            raise ValueError(f"{OP}: kv_cache is float8_e4m3fn, so kv_scale (float32 [1]) is required")
-        if kv_scale.dtype != torch.float32:
-            raise ValueError(f"{OP}: kv_scale must be float32, got {kv_scale.dtype}")
-        if kv_scale.numel() != 1:
-            raise ValueError(f"{OP}: kv_scale must hold one per-tensor scale, got shape {tuple(kv_scale.shape)}")
+        check_fp8_kv_scale(OP, kv_scale)
     elif kv_scale is not None:
         raise ValueError(f"{OP}: kv_scale is only meaningful with a float8_e4m3fn kv_cache (got {kv_cache.dtype})")
     for name, t in (("slots", slots), ("values", values), ("kv_scale", kv_scale)):
@@ -127,9 +132,9 @@ def kv_cache_gather(
     The prefill path reads a cached prefix through this: the same values the decode kernels see.
     Composite torch ops (index_select on a uint8 view for fp8), so it traces under torch.compile.
     """
-    if kv_cache.dtype == torch.float8_e4m3fn and (kv_scale is None or kv_scale.numel() != 1):
-        raise ValueError("kv_cache_gather: an fp8 kv_cache needs kv_scale, float32 [1]")
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        check_fp8_kv_scale("kv_cache_gather", kv_scale)
     return kv_cache_gather_ref(kv_cache, slots, kv_scale, dtype)
 
 
-__all__ = ["check_kv_cache_write_args", "check_slot_values", "kv_cache_gather", "kv_cache_write"]
+__all__ = ["check_fp8_kv_scale", "check_kv_cache_write_args", "check_slot_values", "kv_cache_gather", "kv_cache_write"]

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenspeed_kernels.ops.kv_cache import check_fp8_kv_scale
 from tokenspeed_kernels.triton.mla_decode_combine import mla_decode_combine, split_chunk
 from tokenspeed_kernels.triton.rounding import interpreting as _interpreting
 
@@ -277,8 +278,8 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, c
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     if kv_cache.dtype != q.dtype and not fp8:
         raise ValueError(f"mla_decode[triton]: kv_cache dtype {kv_cache.dtype} must equal q's {q.dtype} or be float8_e4m3fn")
-    if fp8 and (kv_scale is None or kv_scale.numel() != 1 or kv_scale.dtype != torch.float32):
-        raise ValueError("mla_decode[triton]: an fp8 cache needs kv_scale, float32 with one element")
+    if fp8:
+        check_fp8_kv_scale("mla_decode[triton]", kv_scale)
     dim, dpe = q.shape[-1], q.shape[-1] - head_dim_v
     if kv_cache.shape[-1] != dim:
         raise ValueError(f"mla_decode[triton]: head_dim of q ({dim}) and kv_cache ({kv_cache.shape[-1]}) differ")

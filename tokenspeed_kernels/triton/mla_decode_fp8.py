@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenspeed_kernels.ops.kv_cache import check_fp8_kv_scale
 from tokenspeed_kernels.triton.mla_decode import (
     MlaDecodeConfig,
     _row_block,
@@ -228,12 +229,7 @@ def check_fp8_args(
         raise ValueError(f"{op}: kv_cache must be torch.float8_e4m3fn, got {kv_cache.dtype}")
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"{op}: q must be bfloat16/float16 (float32 for tests), got {q.dtype}")
-    if kv_scale is None:
-        raise ValueError(f"{op}: kv_cache is float8_e4m3fn, so kv_scale (float32 [1]) is required")
-    if kv_scale.dtype != torch.float32:
-        raise ValueError(f"{op}: kv_scale must be torch.float32, got {kv_scale.dtype}")
-    if kv_scale.numel() != 1:
-        raise ValueError(f"{op}: kv_scale must hold one per-tensor scale, got shape {tuple(kv_scale.shape)}")
+    check_fp8_kv_scale(op, kv_scale)
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise ValueError(f"{op}: an e4m3 cache needs compute capability >= 8.9 (hardware fp8 conversion)")
     if q.dim() != 4 or kv_cache.dim() != 3:
