@@ -48,7 +48,10 @@ SHAPES = [  # (B, H, S, q_len)
 ]  # fmt: skip
 QUICK = [(1, 16, 65536, 1), (4, 16, 81920, 4), (32, 16, 4096, 1), (128, 16, 4096, 1), (128, 128, 4096, 1)]
 KEY = [(1, 16, 65536, 1), (32, 16, 4096, 1)]  # memory-bound rows for short sweeps
-SHAPE_SETS = {"all": SHAPES, "quick": QUICK, "key": KEY}
+# what an engine's decode step sees: batch 1 at growing contexts (Moonlight: 16 heads per rank)
+ENGINE = [(1, 16, 1024, 1), (1, 16, 4096, 1), (1, 16, 16384, 1), (1, 16, 65536, 1), (4, 16, 4096, 1), (32, 16, 4096, 1)]
+SHAPE_SETS = {"all": SHAPES, "quick": QUICK, "key": KEY, "engine": ENGINE}
+MIN_SPLIT_ENV = "TOKENSPEED_MLA_DECODE_MIN_SPLIT"  # tokenspeed_kernels.env.MLA_DECODE_MIN_SPLIT
 FP8_TARGET = 1.15  # issue 8: fp8 decode time within 1.15x of fp8 KV bytes / copy bandwidth
 
 
@@ -202,6 +205,28 @@ def time_backends(names: list[str], inp: Inputs, kv_dtype: torch.dtype, q_len: i
     return results
 
 
+def sweep_min_split(inp: Inputs, q_len: int, values: list[int]) -> list[dict[str, Any]]:
+    """The sm90 kernel timed at each smallest split size (64-key tiles per CTA), read per call."""
+    kernel = registry_backend("cuda_sm90", torch.bfloat16, q_len)
+    if isinstance(kernel, str):
+        return []
+    out, before = [], os.environ.get(MIN_SPLIT_ENV)
+    try:
+        for v in values:
+            os.environ[MIN_SPLIT_ENV] = str(v)
+            fn = ours(kernel, inp)
+            err = check(fn, inp, q_len)
+            us, _ = time_back_to_back(fn, len(inp.q), graph=True)
+            out.append({"shape": list(inp.shape), "label": f"min_split={v}", "us": us, "rel_err": err})
+            print(f"  sm90 min_split={v} {'|'.join(map(str, inp.shape))}: {us:.1f} us (rel err {err:.1e})")
+    finally:
+        if before is None:
+            os.environ.pop(MIN_SPLIT_ENV, None)
+        else:
+            os.environ[MIN_SPLIT_ENV] = before
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16")
@@ -214,8 +239,14 @@ def main() -> None:
     )
     ap.add_argument("--timing", choices=("graph", "eager"), default="graph")
     ap.add_argument("--sweep", action="store_true", help="time Triton tile configs per shape (tuning aid)")
+    ap.add_argument(
+        "--min-split-sweep",
+        default="",
+        help="cuda_sm90: comma-separated values of TOKENSPEED_MLA_DECODE_MIN_SPLIT to time per shape (tuning aid)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    min_splits = [int(v) for v in args.min_split_sweep.split(",") if v.strip()]
     kv_dtype = torch.bfloat16 if args.kv_dtype == "bf16" else torch.float8_e4m3fn
     fp8 = kv_dtype != torch.bfloat16
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -257,6 +288,8 @@ def main() -> None:
             if mine:
                 best = min(mine, key=lambda r: r["us"])
                 print(f"  best config for {b}|{h}|{s}|{q_len}: {best['label'] or best['config']} {best['us']:.1f} us")
+        if min_splits and "cuda_sm90" in backends:
+            sweep_out += sweep_min_split(inp, q_len, min_splits)
         del inp
         torch.cuda.empty_cache()
         if baselines:  # our bf16 kernels on a bf16 cache of the same shape

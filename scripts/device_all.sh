@@ -6,6 +6,7 @@
 #        bash scripts/device_all.sh bench [quick|all]  (the MLA decode benchmark)
 #        bash scripts/device_all.sh norm               (RMSNorm / SiLU-and-mul / rotary: Triton vs torch)
 #        bash scripts/device_all.sh profile            (where a batch-1 decode step of the engine goes)
+#        bash scripts/device_all.sh recheck [files...]  (only the named GPU test files, then the profile)
 # Logs: one per part, packed into $OUT/device_all_logs.tgz (the device tool returns at most 8
 # files); a summary table prints last, with the first failure lines of every failed part.
 source "$(dirname "$0")/device_env.sh"
@@ -43,6 +44,14 @@ for f in tests/kernels/test_merge_attn_states_cuda.py tests/kernels/test_mla_dec
   [ -f "$f" ] || continue
   part "$(basename "$f" .py)" 150 python3 -m pytest -q -x -m "gpu or sm90" -p no:cacheprovider "$f"
 done
+elif [ "$phase" = recheck ]; then
+# the files whose fixes have not run on a GPU yet, then the decode-step profile, in one call
+shift
+for f in "$@"; do
+  part "$(basename "$f" .py)" 240 python3 -m pytest -q -m "gpu or sm90" -p no:cacheprovider "$f"
+done
+part profile_decode 300 python3 scripts/dev/profile_decode_step.py --json "$OUT/decode_profile.json"
+tail -n 34 "$LOGS/profile_decode.log"
 elif [ "$phase" = norm ]; then
 part bench_norm 120 python3 benchmarks/bench_norm.py --json "$OUT/norm_bench.json"
 tail -n 12 "$LOGS/bench_norm.log"

@@ -23,9 +23,11 @@ KERNEL_BACKEND = "TOKENSPEED_KERNEL_BACKEND"  # "backend" or "op=backend,op=back
 DISABLE_PLUGINS = "TOKENSPEED_DISABLE_PLUGINS"  # "1": skip entry-point plugins
 DEBUG_CHECKS = "TOKENSPEED_DEBUG_CHECKS"  # "1": value checks that need a device sync
 MOE_SM90_TILE = "TOKENSPEED_MOE_SM90_TILE"  # "large" / "small": force the sm90 MoE GEMM tile (read in C++)
+MLA_DECODE_MIN_SPLIT = "TOKENSPEED_MLA_DECODE_MIN_SPLIT"  # 1..64: fewest 64-key tiles per sm90 decode split (C++)
 
 # Engine / server (tokenspeed_engine)
 API_KEY = "TOKENSPEED_API_KEY"  # bearer token every endpoint but /health requires (same as --api-key)
+SHARED_EXPERTS_STREAM = "TOKENSPEED_SHARED_EXPERTS_STREAM"  # "0": shared experts stay on the main stream
 
 DEFAULT_CUDA_ARCHS = "90a"
 

@@ -34,6 +34,18 @@ namespace sm90 = tokenspeed::mla_sm90;
 constexpr const char* kOp = "mla_decode";
 constexpr const char* kUseRegistry = kSm90UseRegistry;
 
+// Fewest plan units (64-key tiles) a split gets: fewer means more CTAs on a short
+// sequence (a batch-1 step at a 4K context uses ~1/8 of the SMs at the default 4) but more
+// partials to merge. TOKENSPEED_MLA_DECODE_MIN_SPLIT=1..64 overrides (benchmark sweeps).
+// Read on every call (a getenv), so one benchmark process can sweep it.
+int min_split_cost() {
+  const char* v = std::getenv("TOKENSPEED_MLA_DECODE_MIN_SPLIT");
+  if (v == nullptr || *v == '\0') return sm90::kMinSplitCost;
+  const int n = std::atoi(v);
+  TORCH_CHECK(n >= 1 && n <= 64, kOp, ": TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in [1, 64], got '", v, "'");
+  return n;
+}
+
 int log2_exact(int64_t v) {
   int l = 0;
   while ((int64_t{1} << l) < v) ++l;
@@ -123,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   // Few rows to merge: spread each row's 512 dims over 4 CTAs of the combine kernel.
   const int64_t combine_blocks = batch * ((rows + 3) / 4);
   p.combine_dsplit = combine_blocks >= 2LL * sms ? 1 : 4;
+  p.min_split = min_split_cost();
   check_cuda_launch(kOp, sm90::launch_mla_decode_sm90(p, kv_cache.data_ptr(), num_pages,
                                                       at::cuda::getCurrentCUDAStream()));
   return {out, lse};

@@ -18,6 +18,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from tokenspeed_engine.engine import Engine, EngineConfig  # noqa: E402
 from tokenspeed_engine.model_runner import TorchModelRunner  # noqa: E402
 from tokenspeed_engine.models.configs import build_random_model, moonlight_16b_a3b_config  # noqa: E402
 from tokenspeed_engine.sampling import SamplingParams  # noqa: E402
+from tokenspeed_kernels import env  # noqa: E402
 
 PAGE = 64
 MAX_LEN = 8192
@@ -125,12 +127,19 @@ def main() -> int:
             graphed = decode_engine(make_runner(model, args.device, 1), cfg.vocab_size, args.context)
             report["graph_wall_ms"] = wall_ms_per_step(graphed, args.steps, args.device)
             del graphed
+            # the same with the shared experts on the main stream (the A/B of the second stream)
+            os.environ[env.SHARED_EXPERTS_STREAM] = "0"
+            graphed = decode_engine(make_runner(model, args.device, 1), cfg.vocab_size, args.context)
+            report["graph_wall_ms_one_stream"] = wall_ms_per_step(graphed, args.steps, args.device)
+            del graphed
+            os.environ.pop(env.SHARED_EXPERTS_STREAM)
 
     k = report["eager"]
     print(f"Moonlight-shaped, {cfg.num_hidden_layers} layers, batch 1 decode at ~{args.context} tokens, {args.device}")
     print(f"kernels/step {k['kernels_per_step']:.0f} ({k['kernels_per_step'] / cfg.num_hidden_layers:.1f} per layer), "
           f"GPU busy {k['busy_ms_per_step']:.2f} ms/step, eager wall {report['eager_wall_ms']:.2f} ms, "
-          f"graph wall {report.get('graph_wall_ms', float('nan')):.2f} ms")  # fmt: skip
+          f"graph wall {report.get('graph_wall_ms', float('nan')):.2f} ms "
+          f"(shared experts on the main stream: {report.get('graph_wall_ms_one_stream', float('nan')):.2f} ms)")  # fmt: skip
     print(f"{'ms/step':>8} | {'launches/step':>13} | kernel")
     for r in k["top"]:
         print(f"{r['ms_per_step']:8.3f} | {r['per_step']:13.1f} | {r['name']}")

@@ -90,6 +90,23 @@ def test_batch1_long_context_is_split_over_the_sms(q_len: int, gen: torch.Genera
     _check(q, paged, what="64K")
 
 
+@pytest.mark.parametrize("min_split", [1, 2, 3, 64])
+def test_every_smallest_split_size(min_split: int, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKENSPEED_MLA_DECODE_MIN_SPLIT changes how many CTAs share a sequence (1: a tile each,
+    64: few splits), not the result beyond rounding; ragged short and long sequences."""
+    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_MIN_SPLIT", str(min_split))
+    q, paged = _case(gen, [1, 65, 700, 4001, 130, 9000], 16, 2, 64)
+    _check(q, paged, what=f"min_split={min_split}")
+
+
+@pytest.mark.parametrize("value", ["0", "65", "x"])
+def test_rejects_a_bad_smallest_split_size(value: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_MIN_SPLIT", value)
+    q, paged = _case(gen, [100], 16, 1, 64)
+    with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in \[1, 64\]"):
+        _decode(q, paged)
+
+
 def test_many_ragged_sequences(gen: torch.Generator) -> None:
     rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
     seqlens = [rng.choice([1, 2, 64, rng.randrange(1, 300), rng.randrange(300, 4000)]) for _ in range(96)]

@@ -15,6 +15,7 @@ rotated shared key k_pe (qk_rope_head_dim).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from tokenspeed_engine.models.base import LOGITS_LAYOUT, CausalLM, DecoderModel,
 from tokenspeed_engine.models.configs import DeepseekV3Config
 from tokenspeed_engine.spmd.groups import ParallelContext, ParallelGroup
 from tokenspeed_engine.spmd.placement import Layout, Partial, Replicate
+from tokenspeed_kernels import env
 
 
 class DeepseekV3Attention(nn.Module):
@@ -57,6 +59,7 @@ class DeepseekV3Attention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, **kw)
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), group, **kw)
         self.o_proj = RowParallelLinear(H * self.v_dim, hidden, group, bias=cfg.attention_bias, **kw)
+        self.fused_in_proj = None if cfg.attention_bias else self._fuse_input_projections(dtype, device)
         self.rotary_emb = RotaryEmbedding(
             self.rope, cfg.rope, cfg.max_position_embeddings, interleaved=cfg.rope_interleave, device=device
         )
@@ -66,14 +69,46 @@ class DeepseekV3Attention(nn.Module):
             self.scaling *= yarn_mscale(cfg.rope["factor"], cfg.rope["mscale_all_dim"]) ** 2
         self.spmd_in, self.spmd_out = Layout(group.name, Replicate()), Layout(group.name, Partial())
 
+    def _first_projection(self) -> Linear:
+        """The query projection that reads the hidden state: q_proj, or q_a_proj with a q LoRA."""
+        return self.q_proj if self.q_lora_rank is None else self.q_a_proj
+
+    def _fuse_input_projections(self, dtype: Any, device: Any) -> torch.Tensor:
+        """One weight [q rows + kv_a rows, hidden] for the two projections of the hidden state, so a
+        decode step streams them in one GEMM (one launch, one pass over x). The layers' weights
+        become views of its two halves: loaders and ``randomize_`` write through them unchanged."""
+        first, kv_a = self._first_projection(), self.kv_a_proj_with_mqa
+        a, b = first.weight, kv_a.weight
+        fused = torch.empty(a.shape[0] + b.shape[0], a.shape[1], dtype=dtype, device=device)
+        for layer, old, rows in ((first, a, fused[: a.shape[0]]), (kv_a, b, fused[a.shape[0] :])):
+            rows.copy_(old.data)
+            view = nn.Parameter(rows, requires_grad=False)
+            view.__dict__.update(old.__dict__)  # weight_loader, expected_shards
+            layer.weight = view
+        return fused
+
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first query projection, kv_a projection) of x: one GEMM while the layers' weights are
+        still the halves of the fused one (a module moved with ``.to()`` gets two GEMMs)."""
+        first, kv_a, fused = self._first_projection(), self.kv_a_proj_with_mqa, self.fused_in_proj
+        if (
+            fused is not None
+            and first.weight.data_ptr() == fused.data_ptr()
+            and kv_a.weight.data_ptr() == fused.data_ptr() + first.weight.numel() * fused.element_size()
+        ):
+            return torch.nn.functional.linear(x, fused).split([first.weight.shape[0], kv_a.weight.shape[0]], dim=-1)
+        return first(x), kv_a(x)
+
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, kv_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``kv_scale``: the float32 [1] scale of an fp8 latent cache (None for a 16/32-bit one)."""
         T = x.shape[0]
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, latent = self._project_input(x)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(T, self.heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_a_layernorm(c)
         q_pe, k_pe = self.rotary_emb(batch.positions, q_pe, k_pe.unsqueeze(1))
         write_paged_kv(cache, batch.out_cache_loc, torch.cat([c, k_pe.squeeze(1)], dim=-1), kv_scale)  # fp8: quantises
@@ -118,18 +153,26 @@ class DeepseekV3Attention(nn.Module):
         cache: torch.Tensor,
         kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
+        T, H, L = q_nope.shape[0], self.heads, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, L)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
-        q_latent = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # absorb W_UK into the query
-        q = torch.cat([q_latent, q_pe], dim=-1).view(batch.batch_size, batch.q_len, self.heads, -1)
+        # absorb W_UK into the query: per head [T, nope] @ [nope, L], written straight into the
+        # latent part of q (a strided bmm output, no copy); the rotated q_pe fills the rest
+        q = torch.empty(T, H, L + self.rope, dtype=q_nope.dtype, device=q_nope.device)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q[..., :L].transpose(0, 1))
+        q[..., L:].copy_(q_pe)
+        q = q.view(batch.batch_size, batch.q_len, H, -1)
         if cache.dtype != torch.float8_e4m3fn and cache.dtype != q.dtype:
             q = q.to(cache.dtype)  # e.g. a bf16 cache under an fp32 model: the kernels take one 16/32-bit dtype
         traits = dict(page_size=cache.shape[1], heads=self.heads, q_len=batch.q_len, head_dim=q.shape[-1])
         out, _ = kernel("mla_decode", q, kv_dtype=cache.dtype, **traits)(
             q, cache, batch.block_table, batch.seq_lens, self.scaling, True, self.kv_lora_rank, kv_scale
         )
-        out = out.to(q_nope.dtype).reshape(-1, self.heads, self.kv_lora_rank)
-        return torch.einsum("thl,hvl->thv", out, w_uv)
+        out = out.to(q_nope.dtype).reshape(T, H, L)
+        # W_UV per head, written in the [T, heads, v] layout o_proj reads (no transpose copy)
+        o = torch.empty(T, H, self.v_dim, dtype=out.dtype, device=out.device)
+        torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+        return o
 
 
 class DeepseekV3MLP(nn.Module):
@@ -158,7 +201,33 @@ class DeepseekV3Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype and _MM_OUT_DTYPE:
+            # One GEMM with fp32 output: products of 16-bit values are exact in fp32 and cuBLAS
+            # accumulates in fp32, so this is HF's fp32 linear without converting x and the
+            # weight on every call (at batch 1 those two copies cost more than the GEMM)
+            return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
         return torch.nn.functional.linear(x.float(), self.weight.float())
+
+
+# torch.mm(..., out_dtype=) (CUDA; torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+# Up to this many tokens the shared experts overlap the routed ones on a second stream.
+SHARED_STREAM_MAX_TOKENS = 128
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def shared_experts_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
+    """The second stream for the shared experts of ``x``'s MoE layer, or None (CPU, a large batch,
+    or ``TOKENSPEED_SHARED_EXPERTS_STREAM=0``)."""
+    if not x.is_cuda or x.shape[0] > SHARED_STREAM_MAX_TOKENS or env.get(env.SHARED_EXPERTS_STREAM) == "0":
+        return None
+    return _side_stream(x.device)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -186,6 +255,24 @@ class DeepseekV3MoE(nn.Module):
         self.spmd_in, self.spmd_out = Layout(group.name, Replicate()), Layout(group.name, Partial())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = shared_experts_stream(x) if self.shared_experts is not None else None
+        if side is None:
+            out = self._routed(x)
+            # both are partial sums over the same (moe) group, so they add before any reduction
+            return out if self.shared_experts is None else out + self.shared_experts(x)
+        # A decode-sized batch: the shared experts' dense GEMMs run on a second stream while the
+        # routing and the routed experts' small kernels leave most SMs idle. Ordering: the side
+        # stream starts after x is ready and the main stream waits for it before the add (also
+        # inside a CUDA graph, where the two become parallel branches).
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared = self.shared_experts(x)
+        out = self._routed(x)
+        main.wait_stream(side)
+        return out + shared
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         weights, ids = kernel("moe_route", x)(
             self.gate(x),
@@ -197,9 +284,7 @@ class DeepseekV3MoE(nn.Module):
             c.norm_topk_prob,
             c.routed_scaling_factor,
         )
-        out = self.experts(x, weights, ids)
-        # both are partial sums over the same (moe) group, so they add before any reduction
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        return self.experts(x, weights, ids)
 
 
 class DeepseekV3DecoderLayer(nn.Module):

@@ -84,8 +84,8 @@ def register_triton_kernels() -> None:
         "tokenspeed_kernels.ops.rotary:rotary_embedding",  # the op: validates, then the Triton kernel (CUDA key)
         capability=NVIDIA_AMPERE_PLUS,
         dtypes=(torch.bfloat16, torch.float16, torch.float32),
-        # PERFORMANT once tests/kernels/test_rotary_op.py passes on the device: its first run (H100,
-        # 2026-11-23) missed the reference by fp contraction, since turned off (enable_fp_fusion=False)
-        priority=Priority.UNVERIFIED,
+        # tests/kernels/test_rotary_op.py: 7/7 GPU tests on the H100 (2026-11-23, session 6), after
+        # the first run missed the reference by fp contraction (now enable_fp_fusion=False)
+        priority=Priority.PERFORMANT,
         description="Triton rotary embedding of q and k in one kernel (angles in registers, HF rounding steps)",
     )

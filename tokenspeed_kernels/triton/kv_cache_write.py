@@ -4,9 +4,10 @@ Contract: ``tokenspeed_kernels.ops.kv_cache.kv_cache_write``. The fp8 code of a 
 ``e4m3_rne(clamp(x / kv_scale, -448, 448))`` with an IEEE division (``tl.div_rn``), so the bytes
 equal the torch reference's exactly. The code is computed with integer arithmetic
 (``_e4m3_code``, equal to torch's byte for every bf16 value: tested) and stored through a uint8
-view of the cache, on the GPU too: with the hardware fp32 -> e4m3 conversion, the H100 run of
-2026-11-23 missed torch's byte once per bf16 test case (about 1 value in 5000; which value was
-not captured), and the Triton interpreter's cast drops the carry into the exponent (1.98 -> 1.0).
+view of the cache, on the GPU too (the Triton interpreter's cast drops the carry into the
+exponent, 1.98 -> 1.0, and one code path for both keeps them equal). The one byte the H100 runs
+of 2026-11-23 missed per bf16 test case was a negative NaN: the GPU's division returns a
+positive canonical NaN (0x7F where torch writes 0xFF), so a NaN's code takes the input's sign.
 A bf16 cache's rounding is done on the bf16 grid under the interpreter, whose cast truncates.
 
 Graph-safe: no host sync; a negative slot is skipped, and so is a slot past the cache (no
@@ -64,9 +65,14 @@ def _kv_cache_write_kernel(
     x = tl.load(VALUES + t * stride_v + offs, mask=ok, other=0.0)
     dst = CACHE + slot * row_len + offs
     if FP8:
-        x = tl.div_rn(x.to(tl.float32), tl.load(KV_SCALE))
-        x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX))  # saturate, keep NaN
-        tl.store(dst, _e4m3_code(x).to(tl.uint8), mask=ok)  # CACHE is a uint8 view
+        xf = x.to(tl.float32)
+        # NaN keeps its sign (0x7F / 0xFF, as torch's cast): the GPU's division returns the
+        # canonical, positive NaN, so the sign comes from the input
+        nan_code = 0x7F | ((xf.to(tl.int32, bitcast=True) >> 24) & 0x80)
+        x = tl.div_rn(xf, tl.load(KV_SCALE))
+        x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)  # saturate
+        code = tl.where(xf != xf, nan_code, _e4m3_code(x))
+        tl.store(dst, code.to(tl.uint8), mask=ok)  # CACHE is a uint8 view
     else:
         if SOFT_BF16 and CACHE.dtype.element_ty == tl.bfloat16:
             x = round_to_bf16_grid(x.to(tl.float32))  # the interpreter's cast truncates

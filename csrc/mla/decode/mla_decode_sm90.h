@@ -13,7 +13,7 @@
 //   * the sequences' costs are laid end to end, P_b = sum of costs before b,
 //     T = total; plan position P_b + kSegmentOverhead + t is tile t of b;
 //   * slot s (of `slots` per 64-row block) owns positions [s * C, (s + 1) * C),
-//     C = max(ceil(T / slots), kMinSplitCost);
+//     C = max(ceil(T / slots), min_split) (min_split: kMinSplitCost unless overridden);
 //   * a sequence whose tiles all fall in one slot is written straight to out/lse;
 //     otherwise each slot writes a normalised fp32 partial (out, lse) at partial
 //     index partial_index(s, P_b, C) and the combine kernel merges them.
@@ -40,7 +40,11 @@ constexpr int kMaxHeads = 128;     // query heads per rank supported
 constexpr int kMinPageLog2 = 4;    // page sizes 16 ..
 constexpr int kMaxPageLog2 = 8;    // .. 256 tokens (powers of two)
 constexpr int kSegmentOverhead = 2;  // plan units charged per sequence (Q load, pipeline fill, epilogue)
-constexpr int kMinSplitCost = 4;     // smallest plan range a slot is given
+// Default smallest plan range a slot is given (params.min_split). 1: a short sequence is spread
+// over as many CTAs as it has tiles. H100, batch 1, 16 heads (bench_mla_decode.py --shapes engine
+// --min-split-sweep, 2026-11-23): 1K keys 10.2 / 11.9 / 16.0 us at 1 / 2 / 4, 4K 11.9 / 13.6 /
+// 16.4, 16K 20.5 / 20.3 / 20.2, 64K and batch 32 x 4K unchanged (the plan already gives > 4).
+constexpr int kMinSplitCost = 1;
 constexpr int kThreads = 384;        // producer warpgroup + two consumer warpgroups
 
 // Everything the decode and combine kernels read. Pointers are device pointers.
@@ -67,6 +71,7 @@ struct MlaDecodeSm90Params {
   int page_size_log2;           // log2(page_size), kMinPageLog2 .. kMaxPageLog2
   int causal;                   // 1: query i sees keys < L - q_len + i + 1 (bottom-right)
   int combine_dsplit;           // combine kernel: 1 (a warp per row, 512 dims) or 4 (a block per row and 128 dims)
+  int min_split;                // smallest plan range a slot is given (plan units, >= 1)
 };
 
 // ---- The plan: integer arithmetic shared by host, decode and combine kernels ----
@@ -88,9 +93,9 @@ TS_MLA_HD int seq_tiles(int len) { return (len + kBlockN - 1) / kBlockN; }
 
 TS_MLA_HD int seq_cost(int tiles) { return tiles > 0 ? tiles + kSegmentOverhead : 0; }
 
-TS_MLA_HD int cost_per_slot(int total, int slots) {
+TS_MLA_HD int cost_per_slot(int total, int slots, int min_split) {
   const int c = (total + slots - 1) / slots;
-  return c < kMinSplitCost ? kMinSplitCost : c;
+  return c < min_split ? min_split : c;
 }
 
 // Where slot `slot` stores its partial of the sequence whose plan range starts at

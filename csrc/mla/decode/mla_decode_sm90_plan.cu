@@ -52,7 +52,7 @@ struct SplitRange {
 };
 __device__ __forceinline__ SplitRange split_range(const MlaDecodeSm90Params& p, int start, int total,
                                                   int tiles) {
-  const int per_slot = cost_per_slot(total, p.slots);
+  const int per_slot = cost_per_slot(total, p.slots, p.min_split);
   const int first = start + kSegmentOverhead;  // plan position of tile 0
   return {first / per_slot, (first + tiles - 1) / per_slot, start, per_slot};
 }
