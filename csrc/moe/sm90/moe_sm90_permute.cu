@@ -53,9 +53,39 @@ __device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v) {
   return v;
 }
 
+// Experts' starts and ends (exclusive / inclusive prefix over experts) from their row
+// counts, by one block of 1024 threads; with `next_row` (shared memory) each expert's
+// start is also left there for the ranking.
+__device__ void scan_expert_counts(const RouteMapParams& p, const int32_t* counts, int32_t* next_row) {
+  __shared__ int32_t warp_sums[32];
+  __shared__ int32_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int base = 0; base < p.experts; base += blockDim.x) {
+    __syncthreads();
+    const int e = base + threadIdx.x;
+    const int32_t v = e < p.experts ? counts[e] : 0;
+    const int32_t in_warp = warp_inclusive_sum(v);
+    if (lane == 31) warp_sums[warp] = in_warp;
+    __syncthreads();
+    if (warp == 0) warp_sums[lane] = warp_inclusive_sum(lane < (blockDim.x >> 5) ? warp_sums[lane] : 0);
+    __syncthreads();
+    const int32_t inclusive = carry + in_warp + (warp > 0 ? warp_sums[warp - 1] : 0);
+    if (e < p.experts) {
+      p.expert_counts[e] = v;
+      p.expert_end[e] = inclusive;
+      p.expert_start[e] = inclusive - v;
+      if (next_row != nullptr) next_row[e] = inclusive - v;
+    }
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry = inclusive;
+  }
+  __syncthreads();
+}
+
 // One block of 1024 threads: per expert, each chunk's first rank within the expert
 // (exclusive prefix over chunks, in place) and the expert's count; then the experts'
-// starts and ends (exclusive / inclusive prefix over experts).
+// starts and ends.
 __global__ void __launch_bounds__(1024) scan_experts_kernel(RouteMapParams p) {
   for (int e = threadIdx.x; e < p.experts; e += blockDim.x) {
     int32_t run = 0;
@@ -68,39 +98,14 @@ __global__ void __launch_bounds__(1024) scan_experts_kernel(RouteMapParams p) {
     p.expert_counts[e] = run;
   }
   __syncthreads();
-  __shared__ int32_t warp_sums[32];
-  __shared__ int32_t carry;
-  if (threadIdx.x == 0) carry = 0;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int base = 0; base < p.experts; base += blockDim.x) {
-    __syncthreads();
-    const int e = base + threadIdx.x;
-    const int32_t v = e < p.experts ? p.expert_counts[e] : 0;
-    const int32_t in_warp = warp_inclusive_sum(v);
-    if (lane == 31) warp_sums[warp] = in_warp;
-    __syncthreads();
-    if (warp == 0) warp_sums[lane] = warp_inclusive_sum(lane < (blockDim.x >> 5) ? warp_sums[lane] : 0);
-    __syncthreads();
-    const int32_t inclusive = carry + in_warp + (warp > 0 ? warp_sums[warp - 1] : 0);
-    if (e < p.experts) {
-      p.expert_end[e] = inclusive;
-      p.expert_start[e] = inclusive - v;
-    }
-    __syncthreads();
-    if (threadIdx.x == blockDim.x - 1) carry = inclusive;
-  }
+  scan_expert_counts(p, p.expert_counts, nullptr);
 }
 
-// One warp per chunk, slots in order: peers with the same expert in a 32-slot step get
-// consecutive rows (lane order), so the rows of an expert follow slot order.
-__global__ void __launch_bounds__(32) rank_slots_kernel(RouteMapParams p) {
-  extern __shared__ int32_t next_row[];
-  const int lane = threadIdx.x;
-  const int32_t* base_of_chunk = p.chunk_counts + static_cast<int64_t>(blockIdx.x) * p.experts;
-  for (int e = lane; e < p.experts; e += 32) next_row[e] = p.expert_start[e] + base_of_chunk[e];
-  __syncwarp();
-  const int begin = blockIdx.x * kMapChunk;
-  const int end = min(begin + kMapChunk, p.slots);
+// Slots [begin, end) in order by one warp: peers with the same expert in a 32-slot step get
+// consecutive rows (lane order), so the rows of an expert follow slot order. `next_row`
+// (shared memory) holds each expert's next free row and advances.
+__device__ __forceinline__ void rank_slots(const RouteMapParams& p, int begin, int end, int32_t* next_row) {
+  const int lane = threadIdx.x & 31;
   for (int s0 = begin; s0 < end; s0 += 32) {
     const int s = s0 + lane;
     const int e = s < end ? local_expert(p.topk_ids[s], p.expert_offset, p.experts) : -1;
@@ -115,6 +120,34 @@ __global__ void __launch_bounds__(32) rank_slots_kernel(RouteMapParams p) {
       if (row >= 0) p.row_slot[row] = s;
     }
   }
+}
+
+// One warp per chunk.
+__global__ void __launch_bounds__(32) rank_slots_kernel(RouteMapParams p) {
+  extern __shared__ int32_t next_row[];
+  const int32_t* base_of_chunk = p.chunk_counts + static_cast<int64_t>(blockIdx.x) * p.experts;
+  for (int e = threadIdx.x; e < p.experts; e += 32) next_row[e] = p.expert_start[e] + base_of_chunk[e];
+  __syncwarp();
+  const int begin = blockIdx.x * kMapChunk;
+  rank_slots(p, begin, min(begin + kMapChunk, p.slots), next_row);
+}
+
+// The whole map in one block when the slots fit one chunk (decode-sized batches): count,
+// scan and rank without the two launches and global round trips of the chunked path.
+// Same result: counts do not depend on order, and the ranking is the same warp walk.
+__global__ void __launch_bounds__(1024) route_map_one_chunk_kernel(RouteMapParams p) {
+  extern __shared__ int32_t smem[];  // [experts] counts, then [experts] next rows
+  int32_t* counts = smem;
+  int32_t* next_row = smem + p.experts;
+  for (int e = threadIdx.x; e < p.experts; e += blockDim.x) counts[e] = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < p.slots; s += blockDim.x) {
+    const int e = local_expert(p.topk_ids[s], p.expert_offset, p.experts);
+    if (e >= 0) atomicAdd(&counts[e], 1);
+  }
+  __syncthreads();
+  scan_expert_counts(p, counts, next_row);
+  if (threadIdx.x < 32) rank_slots(p, 0, p.slots, next_row);
 }
 
 // ------------------------------------------------------------------------ fp8 quantisation
@@ -354,6 +387,10 @@ __global__ void __launch_bounds__(kThreads) zero_tail_rows_kernel(void* d, int64
 
 cudaError_t launch_route_map(const RouteMapParams& p, cudaStream_t stream) {
   const size_t hist_bytes = static_cast<size_t>(p.experts) * sizeof(int32_t);
+  if (p.chunks == 1) {
+    route_map_one_chunk_kernel<<<1, 1024, 2 * hist_bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
   count_chunks_kernel<<<p.chunks, kThreads, hist_bytes, stream>>>(p);
   scan_experts_kernel<<<1, 1024, 0, stream>>>(p);
   rank_slots_kernel<<<p.chunks, 32, hist_bytes, stream>>>(p);
