@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenspeed_engine.layers.kernels import kernel
 from tokenspeed_engine.layers.norm import ResidualRMSNorm, rms_norm
 from tokenspeed_engine.spmd import collectives as C
 from tokenspeed_engine.spmd.groups import ParallelContext, ParallelGroup
@@ -158,8 +159,8 @@ class CompiledTransition:
         if len(self.ops) == 1 and self.ops[0].kind == FUSED:
             return C.fused_allreduce_residual_rmsnorm(x, residual, weight, eps, self._groups[0])
         x = self(x)
-        if residual is not None:
-            x = x + residual
+        if residual is not None:  # the add and the norm in one kernel where one is verified (the same sum)
+            return kernel("fused_add_rms_norm", x)(x, residual, weight, eps)
         return rms_norm(x, weight, eps), x
 
 
