@@ -17,7 +17,6 @@ the issue's bar is "most prompts").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -27,22 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.random_moonlight import IdTokenizer, moonlight_config  # noqa: E402
 from tokenspeed_engine.engine import Engine, EngineConfig  # noqa: E402
 from tokenspeed_engine.kv_cache import set_kv_cache_dtype  # noqa: E402
 from tokenspeed_engine.launch import _num_pages  # noqa: E402
 from tokenspeed_engine.model_runner import TorchModelRunner  # noqa: E402
-from tokenspeed_engine.models.configs import build_random_model, moonlight_16b_a3b_config  # noqa: E402
+from tokenspeed_engine.models.configs import build_random_model  # noqa: E402
 from tokenspeed_engine.sampling import SamplingParams  # noqa: E402
 
 PAGE = 64
-
-
-class IdTokenizer:
-    def encode(self, text: str) -> list[int]:
-        return [int(w) for w in text.split()]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f"{i} " for i in ids)
 
 
 def generate(
@@ -85,12 +77,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    cfg = moonlight_16b_a3b_config()
-    if args.tiny:
-        tiny = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2)
-        cfg = dataclasses.replace(cfg, **tiny, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
-    if args.layers:
-        cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers)
+    cfg = moonlight_config(args.tiny, args.layers)
     model = build_random_model(cfg, dtype=torch.bfloat16, device=args.device, seed=7)
     gen = torch.Generator().manual_seed(11)
     lengths = torch.randint(16, 2048, (args.prompts,), generator=gen).tolist()
