@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tokenspeed_kernels.env import MLA_DECODE_MIN_SPLIT
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     Roofline,
@@ -51,7 +53,6 @@ KEY = [(1, 16, 65536, 1), (32, 16, 4096, 1)]  # memory-bound rows for short swee
 # what an engine's decode step sees: batch 1 at growing contexts (Moonlight: 16 heads per rank)
 ENGINE = [(1, 16, 1024, 1), (1, 16, 4096, 1), (1, 16, 16384, 1), (1, 16, 65536, 1), (4, 16, 4096, 1), (32, 16, 4096, 1)]
 SHAPE_SETS = {"all": SHAPES, "quick": QUICK, "key": KEY, "engine": ENGINE}
-MIN_SPLIT_ENV = "TOKENSPEED_MLA_DECODE_MIN_SPLIT"  # tokenspeed_kernels.env.MLA_DECODE_MIN_SPLIT
 FP8_TARGET = 1.15  # issue 8: fp8 decode time within 1.15x of fp8 KV bytes / copy bandwidth
 
 
@@ -210,10 +211,10 @@ def sweep_min_split(inp: Inputs, q_len: int, values: list[int]) -> list[dict[str
     kernel = registry_backend("cuda_sm90", torch.bfloat16, q_len)
     if isinstance(kernel, str):
         return []
-    out, before = [], os.environ.get(MIN_SPLIT_ENV)
+    out, before = [], os.environ.get(MLA_DECODE_MIN_SPLIT)
     try:
         for v in values:
-            os.environ[MIN_SPLIT_ENV] = str(v)
+            os.environ[MLA_DECODE_MIN_SPLIT] = str(v)
             fn = ours(kernel, inp)
             err = check(fn, inp, q_len)
             us, _ = time_back_to_back(fn, len(inp.q), graph=True)
@@ -221,9 +222,9 @@ def sweep_min_split(inp: Inputs, q_len: int, values: list[int]) -> list[dict[str
             print(f"  sm90 min_split={v} {'|'.join(map(str, inp.shape))}: {us:.1f} us (rel err {err:.1e})")
     finally:
         if before is None:
-            os.environ.pop(MIN_SPLIT_ENV, None)
+            os.environ.pop(MLA_DECODE_MIN_SPLIT, None)
         else:
-            os.environ[MIN_SPLIT_ENV] = before
+            os.environ[MLA_DECODE_MIN_SPLIT] = before
     return out
 
 
