@@ -11,7 +11,9 @@ Lines: ``shape | backend | us | TFLOP/s | GB/s | % of roofline | x vs torch``.
 * fused rows: moe_route + fused_moe (our backends, selected through the registry by name)
   against the same pipeline from torch ops (torch routing, argsort, index gather, two
   grouped GEMMs, SiLU-and-mul, index_add combine). DeepSeek-V3: hidden 7168, 256 experts
-  top-8, n_group 8 / topk_group 4. Bytes count the experts actually hit.
+  top-8, n_group 8 / topk_group 4. Bytes count the experts actually hit. Where the sm90
+  heuristic picks its decode path (bf16, <= 2 rows per expert: grouped GEMVs), a
+  "cuda_sm90 tiles" line times the same call on the CUTLASS decode tile for comparison.
 Roofline: copy bandwidth and bf16 matmul rate measured in this run (fp8 roof: twice the bf16
 rate, the Hopper ratio). Weights are far larger than L2; activations rotate over sets.
 
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Roofline, environment, measure_roofline, rotation_sets, time_back_to_back, write_json  # noqa: E402
+
+from tokenspeed_kernels.env import MOE_SM90_TILE  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K, N_GROUP, TOPK_GROUP = 7168, 256, 8, 8, 4
 GEMM_ROWS = [  # (name, experts, rows per expert, N, K, fp8)
@@ -219,6 +223,14 @@ def bench_fused_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, rou
         us, mode = timed(ours(moe), n_sets, graph)
         if us:
             report(rows, shape, name, us, mode, flops, nbytes, roof, fp8, base_us)
+        if name == "cuda_sm90" and not fp8 and t * TOP_K <= 2 * EXPERTS:
+            os.environ[MOE_SM90_TILE] = "small"  # read by the C++ launcher at each call / capture
+            try:
+                us, mode = timed(ours(moe), n_sets, graph)
+            finally:
+                del os.environ[MOE_SM90_TILE]
+            if us:
+                report(rows, shape, "cuda_sm90 tiles", us, mode, flops, nbytes, roof, fp8, base_us)
 
 
 def main() -> None:

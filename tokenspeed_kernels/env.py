@@ -22,7 +22,8 @@ SKIP_EXTENSIONS = "TOKENSPEED_SKIP_EXTENSIONS"  # "1": package metadata only (ma
 KERNEL_BACKEND = "TOKENSPEED_KERNEL_BACKEND"  # "backend" or "op=backend,op=backend"
 DISABLE_PLUGINS = "TOKENSPEED_DISABLE_PLUGINS"  # "1": skip entry-point plugins
 DEBUG_CHECKS = "TOKENSPEED_DEBUG_CHECKS"  # "1": value checks that need a device sync
-MOE_SM90_TILE = "TOKENSPEED_MOE_SM90_TILE"  # "large" / "small": force the sm90 MoE GEMM tile (read in C++)
+# "large" / "small": force the sm90 MoE GEMM tile; "decode": force the bf16 grouped-GEMV path (read in C++)
+MOE_SM90_TILE = "TOKENSPEED_MOE_SM90_TILE"
 MLA_DECODE_MIN_SPLIT = "TOKENSPEED_MLA_DECODE_MIN_SPLIT"  # 1..64: fewest 64-key tiles per sm90 decode split (C++)
 
 # Engine / server (tokenspeed_engine)

@@ -77,6 +77,22 @@ const char* run_bf16_small_f32(const GroupedGemmParams& p, cudaStream_t stream);
 const char* run_fp8_large_bf16(const GroupedGemmParams& p, cudaStream_t stream);
 const char* run_fp8_large_f32(const GroupedGemmParams& p, cudaStream_t stream);
 
+// Decode path (bf16 experts, few rows per expert; moe_sm90_decode.cu): one task is one
+// expert and up to kDecodeRows consecutive rows of it. The route map lists the tasks in
+// expert order; their number is at most decode_task_bound(slots, experts).
+constexpr int kDecodeRows = 4;
+struct DecodeTask {
+  int32_t expert;  // local expert
+  int32_t row;     // first row
+  int32_t rows;    // 1 .. kDecodeRows
+  int32_t unused;  // keeps a task one 16-byte load
+};
+// sum_e ceil(c_e / R) <= (slots + (R - 1) * active) / R, active <= min(experts, slots).
+inline int decode_task_bound(int slots, int experts) {
+  const int64_t active = slots < experts ? slots : experts;
+  return static_cast<int>((slots + (kDecodeRows - 1) * active) / kDecodeRows);
+}
+
 // Sorting the (token, slot) pairs by local expert: three small kernels, no host sync.
 struct RouteMapParams {
   const int32_t* topk_ids;  // [slots] global expert ids, slot = token * top_k + j
@@ -90,6 +106,8 @@ struct RouteMapParams {
   int32_t* expert_end;      // [experts] inclusive cumulative ends (the grouped GEMM offsets)
   int32_t* slot_row;        // [slots] row of each slot, -1 for another rank's expert
   int32_t* row_slot;        // [slots] slot of each row (rows < expert_end[experts - 1])
+  DecodeTask* decode_tasks;  // optional (decode path): [decode_task_bound(slots, experts)]
+  int32_t* num_decode_tasks; // optional: [1] tasks written
 };
 cudaError_t launch_route_map(const RouteMapParams& p, cudaStream_t stream);
 
@@ -143,6 +161,25 @@ struct CombineParams {
   void* out;                    // [tokens, hidden] bf16
 };
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream);
+
+// One grouped GEMV of the decode path (bf16 weights [experts, n, k], fp32 accumulation):
+//   gate/up (n = 2 * inter, k = hidden): act[r, i] = silu(x_r . w[i]) * (x_r . w[inter + i]),
+//     x_r = x[row_slot[r] / top_k] (hidden_states rows, no gather), act bf16 [max_rows, inter];
+//   down (n = hidden, k = inter): y[r, :] = act_r . w^T, fp32 [max_rows, hidden].
+struct DecodeGemvParams {
+  const void* x;             // bf16 rows, x_stride elements apart, 16-byte aligned
+  int64_t x_stride;
+  const int32_t* row_slot;   // gate/up: row -> slot; down: unused (row r reads x row r)
+  int top_k;
+  const void* w;             // [experts, n, k] bf16, contiguous
+  int n;                     // even; k % 8 == 0
+  int k;
+  const DecodeTask* tasks;
+  const int32_t* num_tasks;
+  void* out;
+};
+cudaError_t launch_decode_gate_up_silu(const DecodeGemvParams& p, int max_tasks, cudaStream_t stream);
+cudaError_t launch_decode_down(const DecodeGemvParams& p, int max_tasks, cudaStream_t stream);
 
 // Standalone grouped GEMM (fp8): a_scale given per row [rows, k/128] is rewritten into
 // the per-group layout; rows past offsets[groups - 1] of d are zeroed.

@@ -112,6 +112,97 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return aligned16(c.data_ptr()) ? c : c.clone();
 }
 
+// The routing map's buffers (reserve, then take in the same order).
+void reserve_route_map(Carver& c, int slots, int experts, int chunks, bool decode) {
+  c.reserve(sizeof(int32_t) * (static_cast<size_t>(chunks) * experts));  // chunk_counts
+  for (int i = 0; i < 3; ++i) c.reserve(sizeof(int32_t) * experts);      // counts, start, end
+  for (int i = 0; i < 2; ++i) c.reserve(sizeof(int32_t) * slots);        // slot_row, row_slot
+  if (decode) {
+    c.reserve(sizeof(sm90::DecodeTask) * sm90::decode_task_bound(slots, experts));
+    c.reserve(sizeof(int32_t));
+  }
+}
+
+sm90::RouteMapParams take_route_map(Carver& c, const at::Tensor& ids, int slots, int experts, int chunks,
+                                    int64_t expert_offset, bool decode) {
+  sm90::RouteMapParams map{};
+  map.topk_ids = ids.data_ptr<int32_t>();
+  map.slots = slots;
+  map.experts = experts;
+  map.expert_offset = static_cast<int>(expert_offset);
+  map.chunks = chunks;
+  map.chunk_counts = c.take<int32_t>(static_cast<size_t>(chunks) * experts);
+  map.expert_counts = c.take<int32_t>(experts);
+  map.expert_start = c.take<int32_t>(experts);
+  map.expert_end = c.take<int32_t>(experts);
+  map.slot_row = c.take<int32_t>(slots);
+  map.row_slot = c.take<int32_t>(slots);
+  if (decode) {
+    map.decode_tasks = c.take<sm90::DecodeTask>(sm90::decode_task_bound(slots, experts));
+    map.num_decode_tasks = c.take<int32_t>(1);
+  }
+  return map;
+}
+
+void launch_combine(const char* op, const void* down, bool down_f32, const at::Tensor& weights,
+                    const sm90::RouteMapParams& map, int64_t tokens, int64_t top_k, int64_t hid, at::Tensor& out) {
+  sm90::CombineParams combine{};
+  combine.down = down;
+  combine.down_f32 = down_f32;
+  combine.topk_weights = weights.data_ptr<float>();
+  combine.slot_row = map.slot_row;
+  combine.tokens = static_cast<int>(tokens);
+  combine.top_k = static_cast<int>(top_k);
+  combine.hidden = static_cast<int>(hid);
+  combine.out = out.data_ptr();
+  check_cuda_launch(op, sm90::launch_combine(combine, at::cuda::getCurrentCUDAStream()));
+}
+
+// bf16 experts with a few rows each (moe_sm90_heuristics.h): route map with the task list,
+// gate/up GEMV with SiLU-and-mul, down GEMV (fp32 rows), combine. Four launches.
+void fused_moe_decode(const char* op, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                      const at::Tensor& weights, const at::Tensor& ids, int64_t expert_offset, at::Tensor& out) {
+  const int64_t tokens = x.size(0), hid = x.size(1), top_k = ids.size(1);
+  const int E = static_cast<int>(w13.size(0)), S = static_cast<int>(tokens * top_k);
+  const int64_t inter = w2.size(2);
+  const int chunks = (S + sm90::kMapChunk - 1) / sm90::kMapChunk;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  Carver c;
+  reserve_route_map(c, S, E, chunks, true);
+  c.reserve(sizeof(at::BFloat16) * S * inter);   // SiLU-and-mul output
+  c.reserve(sizeof(float) * S * hid);            // down output
+  auto buffer = at::empty({static_cast<int64_t>(c.total())}, x.options().dtype(at::kByte));
+  c.bind(buffer.data_ptr());
+  const sm90::RouteMapParams map = take_route_map(c, ids, S, E, chunks, expert_offset, true);
+  auto* act = c.take<at::BFloat16>(static_cast<size_t>(S) * inter);
+  float* down = c.take<float>(static_cast<size_t>(S) * hid);
+  check_cuda_launch(op, sm90::launch_route_map(map, stream));
+
+  const int max_tasks = sm90::decode_task_bound(S, E);
+  sm90::DecodeGemvParams g1{};
+  g1.x = x.data_ptr();
+  g1.x_stride = x.stride(0);
+  g1.row_slot = map.row_slot;
+  g1.top_k = static_cast<int>(top_k);
+  g1.w = w13.data_ptr();
+  g1.n = static_cast<int>(2 * inter);
+  g1.k = static_cast<int>(hid);
+  g1.tasks = map.decode_tasks;
+  g1.num_tasks = map.num_decode_tasks;
+  g1.out = act;
+  check_cuda_launch(op, sm90::launch_decode_gate_up_silu(g1, max_tasks, stream));
+  sm90::DecodeGemvParams g2 = g1;
+  g2.x = act;
+  g2.x_stride = inter;
+  g2.row_slot = nullptr;
+  g2.w = w2.data_ptr();
+  g2.n = static_cast<int>(hid);
+  g2.k = static_cast<int>(inter);
+  g2.out = down;
+  check_cuda_launch(op, sm90::launch_decode_down(g2, max_tasks, stream));
+  launch_combine(op, down, true, weights, map, tokens, top_k, hid, out);
+}
+
 at::Tensor fused_moe_sm90_cuda(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                                const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                                const std::optional<at::Tensor>& w13_scale,
@@ -153,6 +244,10 @@ at::Tensor fused_moe_sm90_cuda(const at::Tensor& hidden, const at::Tensor& w13, 
   const at::Tensor x = rows_ok ? hidden : aligned_contiguous(hidden);
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor weights = topk_weights.contiguous();
+  if (sm90::use_decode_path(fp8, slots, experts)) {
+    fused_moe_decode(op, x, w13, w2, weights, ids, expert_offset, out);
+    return out;
+  }
   const int sms = num_sms(hidden.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
 
@@ -170,9 +265,7 @@ at::Tensor fused_moe_sm90_cuda(const at::Tensor& hidden, const at::Tensor& w13, 
   // bf16 experts with a bf16 down output reuse the gathered rows' buffer for it.
   const bool down_in_rows = !fp8 && down_bytes == 2;
   Carver c;
-  c.reserve(sizeof(int32_t) * (static_cast<size_t>(chunks) * E));  // chunk_counts
-  for (int i = 0; i < 3; ++i) c.reserve(sizeof(int32_t) * E);      // counts, start, end
-  for (int i = 0; i < 2; ++i) c.reserve(sizeof(int32_t) * S);      // slot_row, row_slot
+  reserve_route_map(c, S, E, chunks, false);
   c.reserve(act_bytes * S * hid);                                   // gathered rows
   c.reserve(sizeof(float) * S * 2 * inter);                         // gate/up output, fp32
   c.reserve(act_bytes * S * inter);                                 // SiLU-and-mul output
@@ -185,18 +278,7 @@ at::Tensor fused_moe_sm90_cuda(const at::Tensor& hidden, const at::Tensor& w13, 
   auto buffer = at::empty({static_cast<int64_t>(c.total())}, hidden.options().dtype(at::kByte));
   c.bind(buffer.data_ptr());
 
-  sm90::RouteMapParams map{};
-  map.topk_ids = ids.data_ptr<int32_t>();
-  map.slots = S;
-  map.experts = E;
-  map.expert_offset = static_cast<int>(expert_offset);
-  map.chunks = chunks;
-  map.chunk_counts = c.take<int32_t>(static_cast<size_t>(chunks) * E);
-  map.expert_counts = c.take<int32_t>(E);
-  map.expert_start = c.take<int32_t>(E);
-  map.expert_end = c.take<int32_t>(E);
-  map.slot_row = c.take<int32_t>(S);
-  map.row_slot = c.take<int32_t>(S);
+  const sm90::RouteMapParams map = take_route_map(c, ids, S, E, chunks, expert_offset, false);
   void* rows_in = c.take<uint8_t>(act_bytes * S * hid);
   float* gate_up = c.take<float>(static_cast<size_t>(S) * 2 * inter);
   void* act = c.take<uint8_t>(act_bytes * S * inter);
@@ -257,16 +339,7 @@ at::Tensor fused_moe_sm90_cuda(const at::Tensor& hidden, const at::Tensor& w13, 
   g2.k = static_cast<int>(inter);
   check_gemm_status(op, "down GEMM", sm90::run_grouped_gemm(fp8, tile, down_out, g2, stream));
 
-  sm90::CombineParams combine{};
-  combine.down = down;
-  combine.down_f32 = down_out == sm90::GemmOut::kF32;
-  combine.topk_weights = weights.data_ptr<float>();
-  combine.slot_row = map.slot_row;
-  combine.tokens = static_cast<int>(tokens);
-  combine.top_k = static_cast<int>(top_k);
-  combine.hidden = static_cast<int>(hid);
-  combine.out = out.data_ptr();
-  check_cuda_launch(op, sm90::launch_combine(combine, stream));
+  launch_combine(op, down, down_out == sm90::GemmOut::kF32, weights, map, tokens, top_k, hid, out);
   return out;
 }
 

@@ -16,7 +16,12 @@
 // weights, and a 2x1 cluster would pair each expert's only M tile with an empty one), above
 // it the large one. With expert parallelism the capacity over-counts local rows (only the
 // local share of slots lands here), so the switch comes a little late.
-// TOKENSPEED_MOE_SM90_TILE=large|small overrides for bf16 (benchmarks, tuning).
+//
+// Decode path (bf16): when experts average at most kDecodeMaxRowsPerExpert rows, both expert
+// GEMMs run as grouped GEMVs (moe_sm90_decode.cu): the weights are streamed once per 4 rows
+// of an expert, on grids sized by the intermediate / hidden width rather than by 64-row
+// tiles, and the gather and SiLU-and-mul kernels disappear.
+// TOKENSPEED_MOE_SM90_TILE=large|small|decode overrides for bf16 (benchmarks, tuning).
 #pragma once
 
 #include <cstdint>
@@ -28,10 +33,21 @@
 namespace tokenspeed::moe_sm90 {
 
 constexpr int64_t kLargeTileMinRowsPerExpert = 96;
+constexpr int64_t kDecodeMaxRowsPerExpert = 2;
+
+inline const char* forced_tile() { return std::getenv("TOKENSPEED_MOE_SM90_TILE"); }
+
+inline bool use_decode_path(bool fp8, int64_t rows, int64_t groups) {
+  if (fp8) return false;
+  const char* forced = forced_tile();
+  if (forced != nullptr && (std::strcmp(forced, "large") == 0 || std::strcmp(forced, "small") == 0)) return false;
+  if (forced != nullptr && std::strcmp(forced, "decode") == 0) return true;
+  return rows <= kDecodeMaxRowsPerExpert * groups;
+}
 
 inline GemmTile choose_gemm_tile(bool fp8, int64_t rows, int64_t groups) {
   if (fp8) return GemmTile::kLarge;
-  const char* forced = std::getenv("TOKENSPEED_MOE_SM90_TILE");
+  const char* forced = forced_tile();
   if (forced != nullptr && std::strcmp(forced, "large") == 0) return GemmTile::kLarge;
   if (forced != nullptr && std::strcmp(forced, "small") == 0) return GemmTile::kSmall;
   return rows >= kLargeTileMinRowsPerExpert * groups ? GemmTile::kLarge : GemmTile::kSmall;

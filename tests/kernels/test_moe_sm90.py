@@ -4,8 +4,9 @@ CPU: the grouped_gemm schema, CPU reference, fake (opcheck) and argument checks;
 reference (``fused_moe_by_expert_ref``) against the slot-by-slot ``fused_moe_ref``; the fp8
 tolerance's calibration; the registry entry.
 GPU (``-m gpu``, Hopper only): grouped GEMMs (bf16; fp8 with 1x128 / 128x128 block scales;
-both compiled tiles) and fused_moe against fp64 (bf16) / fp32 (fp8, the contract) references
-within the MoE tolerance table, including experts with no, one and all rows; DeepSeek-V3
+both compiled tiles) and fused_moe (each tile, and bf16's decode path of grouped GEMVs)
+against fp64 (bf16) / fp32 (fp8, the contract) references within the MoE tolerance table,
+including experts with no, one and all rows; DeepSeek-V3
 shapes (hidden 7168, intermediate 2048 and 512, 256 experts top-8 routed onto 256 or 64
 local experts); CUDA-graph replay equal to eager bitwise; opcheck on CUDA.
 """
@@ -31,6 +32,8 @@ FP8 = torch.float8_e4m3fn
 BLOCK = 128
 # Compiled GEMM tiles per dtype: bf16 has a 64-row decode tile, fp8 one tile for all sizes.
 TILES = {False: ("large", "small"), True: ("large",)}
+# fused_moe's paths: the tiles, and for bf16 the decode path (grouped GEMVs, 4 rows per task).
+MOE_PATHS = {False: ("large", "small", "decode"), True: ("large",)}
 # opcheck's test_schema compares inputs before/after with allclose, which torch does not
 # implement for float8 tensors; the other checks (fake, autograd, AOT dispatch) run.
 FP8_OPCHECKS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -112,7 +115,7 @@ def routing(kind: str, tokens: int, local: int, total: int, offset: int, top_k: 
 
 @pytest.fixture
 def tile(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Force one compiled GEMM tile (the C++ heuristic reads TOKENSPEED_MOE_SM90_TILE per call)."""
+    """Force one compiled GEMM tile, or the decode path (the C++ heuristic reads TOKENSPEED_MOE_SM90_TILE per call)."""
     monkeypatch.setenv("TOKENSPEED_MOE_SM90_TILE", request.param)
     yield request.param
 
@@ -279,6 +282,7 @@ MOE_CASES: dict[str, tuple[Any, ...]] = {
     "bf16-all-on-one-expert": (False, 40, 4, 4, 0, 1, 128, 64, "one"),
     "bf16-ep-offset": (False, 11, 4, 12, 4, 3, 256, 128, "route"),
     "bf16-one-token": (False, 1, 8, 8, 0, 4, 256, 128, "route"),
+    "bf16-long-k-odd-rows": (False, 7, 5, 5, 0, 3, 1096, 264, "route"),  # K = 17 x 64 + 8, 5 rows / expert
     "fp8-block-scaled": (True, 7, 4, 4, 0, 2, 256, 128, "route"),
     "fp8-ep-skewed": (True, 9, 2, 4, 2, 2, 256, 256, "skewed"),
     "fp8-all-on-one-expert": (True, 33, 3, 3, 0, 2, 384, 256, "one"),
@@ -290,7 +294,7 @@ def _check_moe(out: torch.Tensor, want: torch.Tensor, fp8: bool, what: str) -> N
     assert_close(out, want, "moe", FP8 if fp8 else torch.bfloat16, what)
 
 
-@pytest.mark.parametrize("case_id,tile", [(c, t) for c, case in MOE_CASES.items() for t in TILES[case[0]]], indirect=["tile"])
+@pytest.mark.parametrize("case_id,tile", [(c, t) for c, case in MOE_CASES.items() for t in MOE_PATHS[case[0]]], indirect=["tile"])
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_gpu_fused_moe_cases(case_id: str, tile: str, gen: torch.Generator) -> None:
@@ -368,6 +372,20 @@ def test_gpu_many_tokens_large_tile(fp8: bool, gen: torch.Generator) -> None:
     w13, w2, s13, s2 = experts(local, hidden, inter, fp8, g, "cuda")
     out = tk.fused_moe(x, w13, w2, w, ids, s13, s2, 0)
     _check_moe(out, fused_moe_by_expert_ref(x if fp8 else x.double(), w13, w2, w, ids, s13, s2, 0), fp8, "T2048")
+
+
+@pytest.mark.parametrize("tile", ["decode"], indirect=True)
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_decode_path_over_chunked_route_map(tile: str, gen: torch.Generator) -> None:
+    """The decode path forced at 1600 slots: its task list comes from the multi-chunk route map."""
+    g = _cuda_gen(gen)
+    tokens, local, hidden, inter = 200, 16, 256, 128
+    w, ids = moe_route_ref(torch.randn(tokens, local, generator=g, device="cuda"), 8, "softmax")
+    x = torch.randn(tokens, hidden, generator=g, device="cuda").bfloat16()
+    w13, w2, _, _ = experts(local, hidden, inter, False, g, "cuda")
+    out = tk.fused_moe(x, w13, w2, w, ids, None, None, 0)
+    _check_moe(out, fused_moe_by_expert_ref(x.double(), w13, w2, w, ids, None, None, 0), False, "T200 decode path")
 
 
 @pytest.mark.parametrize("tokens", [8, 1024])

@@ -53,6 +53,20 @@ __device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v) {
   return v;
 }
 
+// Inclusive prefix sum over the block of one value per thread, plus `carry` (the total of
+// the block's earlier passes). Every thread of the block calls it; it starts with a barrier,
+// so the caller's previous pass has finished reading `carry` and `warp_sums`.
+__device__ __forceinline__ int32_t block_inclusive_sum(int32_t v, int32_t* warp_sums, const int32_t& carry) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  const int32_t in_warp = warp_inclusive_sum(v);
+  if (lane == 31) warp_sums[warp] = in_warp;
+  __syncthreads();
+  if (warp == 0) warp_sums[lane] = warp_inclusive_sum(lane < (blockDim.x >> 5) ? warp_sums[lane] : 0);
+  __syncthreads();
+  return carry + in_warp + (warp > 0 ? warp_sums[warp - 1] : 0);
+}
+
 // Experts' starts and ends (exclusive / inclusive prefix over experts) from their row
 // counts, by one block of 1024 threads; with `next_row` (shared memory) each expert's
 // start is also left there for the ranking.
@@ -60,17 +74,10 @@ __device__ void scan_expert_counts(const RouteMapParams& p, const int32_t* count
   __shared__ int32_t warp_sums[32];
   __shared__ int32_t carry;
   if (threadIdx.x == 0) carry = 0;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int base = 0; base < p.experts; base += blockDim.x) {
-    __syncthreads();
     const int e = base + threadIdx.x;
     const int32_t v = e < p.experts ? counts[e] : 0;
-    const int32_t in_warp = warp_inclusive_sum(v);
-    if (lane == 31) warp_sums[warp] = in_warp;
-    __syncthreads();
-    if (warp == 0) warp_sums[lane] = warp_inclusive_sum(lane < (blockDim.x >> 5) ? warp_sums[lane] : 0);
-    __syncthreads();
-    const int32_t inclusive = carry + in_warp + (warp > 0 ? warp_sums[warp - 1] : 0);
+    const int32_t inclusive = block_inclusive_sum(v, warp_sums, carry);
     if (e < p.experts) {
       p.expert_counts[e] = v;
       p.expert_end[e] = inclusive;
@@ -81,6 +88,28 @@ __device__ void scan_expert_counts(const RouteMapParams& p, const int32_t* count
     if (threadIdx.x == blockDim.x - 1) carry = inclusive;
   }
   __syncthreads();
+}
+
+// The decode path's task list: each expert's rows in chunks of kDecodeRows, in expert order
+// (one block, after scan_expert_counts wrote the counts and starts).
+__device__ void write_decode_tasks(const RouteMapParams& p) {
+  __shared__ int32_t warp_sums[32];
+  __shared__ int32_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  for (int base = 0; base < p.experts; base += blockDim.x) {
+    const int e = base + threadIdx.x;
+    const int32_t count = e < p.experts ? p.expert_counts[e] : 0;
+    const int32_t n = (count + kDecodeRows - 1) / kDecodeRows;
+    const int32_t inclusive = block_inclusive_sum(n, warp_sums, carry);
+    for (int c = 0; c < n; ++c) {
+      const int32_t first = c * kDecodeRows;
+      p.decode_tasks[inclusive - n + c] = DecodeTask{e, p.expert_start[e] + first, min(kDecodeRows, count - first), 0};
+    }
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry = inclusive;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) *p.num_decode_tasks = carry;
 }
 
 // One block of 1024 threads: per expert, each chunk's first rank within the expert
@@ -99,6 +128,7 @@ __global__ void __launch_bounds__(1024) scan_experts_kernel(RouteMapParams p) {
   }
   __syncthreads();
   scan_expert_counts(p, p.expert_counts, nullptr);
+  if (p.decode_tasks != nullptr) write_decode_tasks(p);
 }
 
 // Slots [begin, end) in order by one warp: peers with the same expert in a 32-slot step get
@@ -147,6 +177,7 @@ __global__ void __launch_bounds__(1024) route_map_one_chunk_kernel(RouteMapParam
   }
   __syncthreads();
   scan_expert_counts(p, counts, next_row);
+  if (p.decode_tasks != nullptr) write_decode_tasks(p);
   if (threadIdx.x < 32) rank_slots(p, 0, p.slots, next_row);
 }
 
