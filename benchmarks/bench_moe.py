@@ -12,8 +12,9 @@ Lines: ``shape | backend | us | TFLOP/s | GB/s | % of roofline | x vs torch``.
   against the same pipeline from torch ops (torch routing, argsort, index gather, two
   grouped GEMMs, SiLU-and-mul, index_add combine). DeepSeek-V3: hidden 7168, 256 experts
   top-8, n_group 8 / topk_group 4. Bytes count the experts actually hit. Where the sm90
-  heuristic picks its decode path (bf16, <= 2 rows per expert: grouped GEMVs), a
-  "cuda_sm90 tiles" line times the same call on the CUTLASS decode tile for comparison.
+  heuristic picks its decode path (grouped GEMVs: bf16 <= 2 rows per expert, fp8 <= 1 row per
+  4 experts), a "cuda_sm90 tiles" line times the same call on the CUTLASS tiles; up to 8 rows
+  per expert, where it picks the tiles, a "cuda_sm90 decode" line forces the decode path.
 Roofline: copy bandwidth and bf16 matmul rate measured in this run (fp8 roof: twice the bf16
 rate, the Hopper ratio). Weights are far larger than L2; activations rotate over sets.
 
@@ -223,14 +224,19 @@ def bench_fused_row(roof: Roofline, rows: list[dict[str, Any]], graph: bool, rou
         us, mode = timed(ours(moe), n_sets, graph)
         if us:
             report(rows, shape, name, us, mode, flops, nbytes, roof, fp8, base_us)
-        if name == "cuda_sm90" and not fp8 and t * TOP_K <= 2 * EXPERTS:
-            os.environ[MOE_SM90_TILE] = "small"  # read by the C++ launcher at each call / capture
-            try:
-                us, mode = timed(ours(moe), n_sets, graph)
-            finally:
-                del os.environ[MOE_SM90_TILE]
-            if us:
-                report(rows, shape, "cuda_sm90 tiles", us, mode, flops, nbytes, roof, fp8, base_us)
+        if name != "cuda_sm90" or t * TOP_K > 8 * EXPERTS:
+            continue
+        # The other sm90 path, forced (the C++ launcher reads the variable at each call / capture).
+        decode_default = t * TOP_K * 4 <= EXPERTS if fp8 else t * TOP_K <= 2 * EXPERTS  # moe_sm90_heuristics.h
+        forced = ("large" if fp8 else "small") if decode_default else "decode"
+        os.environ[MOE_SM90_TILE] = forced
+        try:
+            us, mode = timed(ours(moe), n_sets, graph)
+        finally:
+            del os.environ[MOE_SM90_TILE]
+        if us:
+            label = "cuda_sm90 tiles" if decode_default else "cuda_sm90 decode"
+            report(rows, shape, label, us, mode, flops, nbytes, roof, fp8, base_us)
 
 
 def main() -> None:

@@ -181,6 +181,38 @@ struct DecodeGemvParams {
 cudaError_t launch_decode_gate_up_silu(const DecodeGemvParams& p, int max_tasks, cudaStream_t stream);
 cudaError_t launch_decode_down(const DecodeGemvParams& p, int max_tasks, cudaStream_t stream);
 
+// The same two GEMVs for fp8 experts (moe_sm90_decode_fp8.cu, mma.sync e4m3): activations
+// quantised per 128 values (quantize_rows below), weights with 128 x 128 block scales in
+// the checkpoint's own [experts, n/128, k/128] layout; n and k multiples of 128.
+struct DecodeFp8Params {
+  const uint8_t* x;          // e4m3 rows [*, k]: gate/up per token, down per row
+  const float* x_scale;      // [*, k/128] row-major, same rows as x
+  const int32_t* row_slot;   // gate/up: row -> slot (x row = slot / top_k); down: nullptr
+  int top_k;
+  const uint8_t* w;          // [experts, n, k] e4m3, contiguous
+  const float* w_scale;      // [experts, n/128, k/128]
+  int n;
+  int k;
+  const DecodeTask* tasks;
+  const int32_t* num_tasks;
+  void* out;                 // gate/up: bf16 act [max_rows, n/2]; down: fp32 [max_rows, n]
+};
+cudaError_t launch_decode_fp8_gate_up_silu(const DecodeFp8Params& p, int max_tasks, cudaStream_t stream);
+cudaError_t launch_decode_fp8_down(const DecodeFp8Params& p, int max_tasks, cudaStream_t stream);
+
+// Rows [0, *rows_valid) (all `rows` when rows_valid is null) of a bf16 matrix to e4m3 with
+// one scale per 128 values, row-major [rows, k/128] (the reference's quantisation).
+struct QuantizeRowsParams {
+  const void* in;            // bf16, in_stride elements between rows, 16-byte aligned
+  int64_t in_stride;
+  int rows;
+  const int32_t* rows_valid;
+  int k;                     // multiple of 128
+  void* out;                 // [rows, k] e4m3
+  float* out_scale;          // [rows, k/128]
+};
+cudaError_t launch_quantize_rows(const QuantizeRowsParams& p, cudaStream_t stream);
+
 // Standalone grouped GEMM (fp8): a_scale given per row [rows, k/128] is rewritten into
 // the per-group layout; rows past offsets[groups - 1] of d are zeroed.
 struct GroupScaleParams {

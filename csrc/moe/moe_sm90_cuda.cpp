@@ -158,48 +158,90 @@ void launch_combine(const char* op, const void* down, bool down_f32, const at::T
   check_cuda_launch(op, sm90::launch_combine(combine, at::cuda::getCurrentCUDAStream()));
 }
 
-// bf16 experts with a few rows each (moe_sm90_heuristics.h): route map with the task list,
-// gate/up GEMV with SiLU-and-mul, down GEMV (fp32 rows), combine. Four launches.
+// Experts with a few rows each (moe_sm90_heuristics.h): route map with the task list,
+// gate/up GEMV with SiLU-and-mul, down GEMV (fp32 rows), combine: four launches for bf16;
+// fp8 adds the per-128 quantisation of the tokens and of the intermediate (six).
 void fused_moe_decode(const char* op, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
-                      const at::Tensor& weights, const at::Tensor& ids, int64_t expert_offset, at::Tensor& out) {
+                      const at::Tensor& weights, const at::Tensor& ids, const std::optional<at::Tensor>& w13_scale,
+                      const std::optional<at::Tensor>& w2_scale, int64_t expert_offset, at::Tensor& out) {
+  const bool fp8 = w13.scalar_type() == at::kFloat8_e4m3fn;
   const int64_t tokens = x.size(0), hid = x.size(1), top_k = ids.size(1);
   const int E = static_cast<int>(w13.size(0)), S = static_cast<int>(tokens * top_k);
-  const int64_t inter = w2.size(2);
+  const int64_t inter = w2.size(2), kb_hid = hid / sm90::kScaleBlock, kb_inter = inter / sm90::kScaleBlock;
   const int chunks = (S + sm90::kMapChunk - 1) / sm90::kMapChunk;
   const auto stream = at::cuda::getCurrentCUDAStream();
   Carver c;
   reserve_route_map(c, S, E, chunks, true);
-  c.reserve(sizeof(at::BFloat16) * S * inter);   // SiLU-and-mul output
-  c.reserve(sizeof(float) * S * hid);            // down output
+  c.reserve(sizeof(at::BFloat16) * S * inter);  // SiLU-and-mul output
+  c.reserve(sizeof(float) * S * hid);           // down output
+  if (fp8) {  // quantised tokens, their scales, quantised intermediate, its scales
+    for (const int64_t bytes : {tokens * hid, 4 * tokens * kb_hid, S * inter, 4 * S * kb_inter}) c.reserve(bytes);
+  }
   auto buffer = at::empty({static_cast<int64_t>(c.total())}, x.options().dtype(at::kByte));
   c.bind(buffer.data_ptr());
   const sm90::RouteMapParams map = take_route_map(c, ids, S, E, chunks, expert_offset, true);
   auto* act = c.take<at::BFloat16>(static_cast<size_t>(S) * inter);
   float* down = c.take<float>(static_cast<size_t>(S) * hid);
   check_cuda_launch(op, sm90::launch_route_map(map, stream));
-
   const int max_tasks = sm90::decode_task_bound(S, E);
-  sm90::DecodeGemvParams g1{};
-  g1.x = x.data_ptr();
-  g1.x_stride = x.stride(0);
-  g1.row_slot = map.row_slot;
-  g1.top_k = static_cast<int>(top_k);
-  g1.w = w13.data_ptr();
-  g1.n = static_cast<int>(2 * inter);
-  g1.k = static_cast<int>(hid);
-  g1.tasks = map.decode_tasks;
-  g1.num_tasks = map.num_decode_tasks;
-  g1.out = act;
-  check_cuda_launch(op, sm90::launch_decode_gate_up_silu(g1, max_tasks, stream));
-  sm90::DecodeGemvParams g2 = g1;
-  g2.x = act;
-  g2.x_stride = inter;
-  g2.row_slot = nullptr;
-  g2.w = w2.data_ptr();
-  g2.n = static_cast<int>(hid);
-  g2.k = static_cast<int>(inter);
-  g2.out = down;
-  check_cuda_launch(op, sm90::launch_decode_down(g2, max_tasks, stream));
+
+  if (fp8) {
+    // Scales in the checkpoint's [experts, n/128, k/128] layout (no transpose on this path).
+    const at::Tensor s13 = w13_scale->contiguous(), s2 = w2_scale->contiguous();
+    sm90::QuantizeRowsParams qx{x.data_ptr(), x.stride(0), static_cast<int>(tokens), nullptr, static_cast<int>(hid),
+                                c.take<uint8_t>(tokens * hid), nullptr};
+    qx.out_scale = c.take<float>(tokens * kb_hid);
+    check_cuda_launch(op, sm90::launch_quantize_rows(qx, stream));
+    sm90::DecodeFp8Params g1{};
+    g1.x = static_cast<const uint8_t*>(qx.out);
+    g1.x_scale = qx.out_scale;
+    g1.row_slot = map.row_slot;
+    g1.top_k = static_cast<int>(top_k);
+    g1.w = static_cast<const uint8_t*>(w13.data_ptr());
+    g1.w_scale = s13.data_ptr<float>();
+    g1.n = static_cast<int>(2 * inter);
+    g1.k = static_cast<int>(hid);
+    g1.tasks = map.decode_tasks;
+    g1.num_tasks = map.num_decode_tasks;
+    g1.out = act;
+    check_cuda_launch(op, sm90::launch_decode_fp8_gate_up_silu(g1, max_tasks, stream));
+    sm90::QuantizeRowsParams qa{act, inter, S, map.expert_end + (E - 1), static_cast<int>(inter),
+                                c.take<uint8_t>(S * inter), nullptr};
+    qa.out_scale = c.take<float>(S * kb_inter);
+    check_cuda_launch(op, sm90::launch_quantize_rows(qa, stream));
+    sm90::DecodeFp8Params g2 = g1;
+    g2.x = static_cast<const uint8_t*>(qa.out);
+    g2.x_scale = qa.out_scale;
+    g2.row_slot = nullptr;
+    g2.w = static_cast<const uint8_t*>(w2.data_ptr());
+    g2.w_scale = s2.data_ptr<float>();
+    g2.n = static_cast<int>(hid);
+    g2.k = static_cast<int>(inter);
+    g2.out = down;
+    check_cuda_launch(op, sm90::launch_decode_fp8_down(g2, max_tasks, stream));
+  } else {
+    sm90::DecodeGemvParams g1{};
+    g1.x = x.data_ptr();
+    g1.x_stride = x.stride(0);
+    g1.row_slot = map.row_slot;
+    g1.top_k = static_cast<int>(top_k);
+    g1.w = w13.data_ptr();
+    g1.n = static_cast<int>(2 * inter);
+    g1.k = static_cast<int>(hid);
+    g1.tasks = map.decode_tasks;
+    g1.num_tasks = map.num_decode_tasks;
+    g1.out = act;
+    check_cuda_launch(op, sm90::launch_decode_gate_up_silu(g1, max_tasks, stream));
+    sm90::DecodeGemvParams g2 = g1;
+    g2.x = act;
+    g2.x_stride = inter;
+    g2.row_slot = nullptr;
+    g2.w = w2.data_ptr();
+    g2.n = static_cast<int>(hid);
+    g2.k = static_cast<int>(inter);
+    g2.out = down;
+    check_cuda_launch(op, sm90::launch_decode_down(g2, max_tasks, stream));
+  }
   launch_combine(op, down, true, weights, map, tokens, top_k, hid, out);
 }
 
@@ -245,7 +287,7 @@ at::Tensor fused_moe_sm90_cuda(const at::Tensor& hidden, const at::Tensor& w13, 
   const at::Tensor ids = topk_ids.contiguous();
   const at::Tensor weights = topk_weights.contiguous();
   if (sm90::use_decode_path(fp8, slots, experts)) {
-    fused_moe_decode(op, x, w13, w2, weights, ids, expert_offset, out);
+    fused_moe_decode(op, x, w13, w2, weights, ids, w13_scale, w2_scale, expert_offset, out);
     return out;
   }
   const int sms = num_sms(hidden.device());

@@ -5,7 +5,7 @@
 //   bf16 large: 128x256x64 cooperative, cluster 2x1, bf16 or fp32 output
 //   bf16 small: 64x128x128 ping-pong, no cluster, fp32 output (decode)
 //   fp8 large:  128x128x128 cooperative blockwise-scaled, cluster 1x2, bf16 or fp32 output
-//               (no small fp8 variant: this one already streams weights at full bandwidth)
+//               (no small fp8 tile: decode-sized fp8 calls take the decode path below)
 // Output: the gate/up GEMM writes fp32 (SiLU-and-mul needs the exact accumulators); the
 // down GEMM and the standalone op write bf16 where that variant exists (large), else fp32.
 //
@@ -17,11 +17,13 @@
 // it the large one. With expert parallelism the capacity over-counts local rows (only the
 // local share of slots lands here), so the switch comes a little late.
 //
-// Decode path (bf16): when experts average at most kDecodeMaxRowsPerExpert rows, both expert
-// GEMMs run as grouped GEMVs (moe_sm90_decode.cu): the weights are streamed once per 4 rows
-// of an expert, on grids sized by the intermediate / hidden width rather than by 64-row
-// tiles, and the gather and SiLU-and-mul kernels disappear.
-// TOKENSPEED_MOE_SM90_TILE=large|small|decode overrides for bf16 (benchmarks, tuning).
+// Decode path: when experts have few rows (thresholds below, measured), both expert GEMMs
+// run as grouped GEMVs (bf16: moe_sm90_decode.cu on the CUDA cores; fp8: moe_sm90_decode_fp8.cu
+// with mma.sync): the weights are streamed once per 4 rows of an expert, on grids sized by
+// the intermediate / hidden width rather than by 64- or 128-row tiles, and the gather and
+// SiLU-and-mul kernels disappear.
+// TOKENSPEED_MOE_SM90_TILE=large|small overrides the bf16 tile (and turns the decode path
+// off); =decode forces the decode path (benchmarks, tuning).
 #pragma once
 
 #include <cstdint>
@@ -33,16 +35,20 @@
 namespace tokenspeed::moe_sm90 {
 
 constexpr int64_t kLargeTileMinRowsPerExpert = 96;
+// bf16: up to 2 rows per expert on average (DeepSeek-V3 experts on the H100: 1 token 254 us
+// vs 286 on the tiles, 8 / 32 tokens at copy bandwidth, 128 tokens 1.48x slower than tiles).
 constexpr int64_t kDecodeMaxRowsPerExpert = 2;
+// fp8: up to one row per 4 experts (1 token 163 us vs 192 on the tiles, 8 tokens even, 32
+// tokens 1.2x slower, cause not profiled yet: the mma.sync GEMV computes 8 columns per task).
+constexpr int64_t kDecodeFp8ExpertsPerRow = 4;
 
 inline const char* forced_tile() { return std::getenv("TOKENSPEED_MOE_SM90_TILE"); }
 
 inline bool use_decode_path(bool fp8, int64_t rows, int64_t groups) {
-  if (fp8) return false;
   const char* forced = forced_tile();
   if (forced != nullptr && (std::strcmp(forced, "large") == 0 || std::strcmp(forced, "small") == 0)) return false;
   if (forced != nullptr && std::strcmp(forced, "decode") == 0) return true;
-  return rows <= kDecodeMaxRowsPerExpert * groups;
+  return fp8 ? rows * kDecodeFp8ExpertsPerRow <= groups : rows <= kDecodeMaxRowsPerExpert * groups;
 }
 
 inline GemmTile choose_gemm_tile(bool fp8, int64_t rows, int64_t groups) {

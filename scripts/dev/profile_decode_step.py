@@ -1,4 +1,4 @@
-"""Where a batch-1 decode step's time goes: kernels per step, GPU time per step, the top kernels.
+"""Where a decode step's time goes (batch 1 by default): kernels per step, GPU time per step, the top kernels.
 
 The agentic benchmark's batch-1 decode of the Moonlight-shaped model runs at 25% of the
 bandwidth roofline (7-8 ms per step where the weights stream in 1.8 ms). This profiles the
@@ -8,7 +8,7 @@ each visible) and with graphs (wall time), and prints per step:
   * the top kernels by total time, with how many launches per step each has;
   * the gaps: wall time minus GPU time (launch overhead where eager, idle bubbles in a graph).
 
-    python scripts/dev/profile_decode_step.py [--layers N] [--steps S] [--json PATH]
+    python scripts/dev/profile_decode_step.py [--layers N] [--steps S] [--batch B] [--json PATH]
     python scripts/dev/profile_decode_step.py --tiny --device cpu   # checks the script without a GPU
 """
 
@@ -38,19 +38,22 @@ PAGE = 64
 MAX_LEN = 8192
 
 
-def make_runner(model, device: str, graphs: int) -> TorchModelRunner:
-    pages = MAX_LEN // PAGE + 1
+def make_runner(model, device: str, graphs: int, batch: int = 1) -> TorchModelRunner:
+    pages = batch * (MAX_LEN // PAGE) + 1
     kv = model.make_kv_cache(pages, PAGE, device=device)
     return TorchModelRunner(model, kv, num_pages=pages, page_size=PAGE, max_model_len=MAX_LEN,
                             vocab_size=model.config.vocab_size, device=device, cuda_graph_max_bs=graphs)  # fmt: skip
 
 
-def decode_engine(runner: TorchModelRunner, vocab: int, context: int) -> Engine:
-    """One request, prefilled and past its first decode steps: every later step is a batch-1 decode."""
-    e = Engine(runner, IdTokenizer(), set(), EngineConfig(8192, 4, enable_overlap=False))
-    prompt = torch.randint(1, vocab, (context,), generator=torch.Generator().manual_seed(0)).tolist()
-    e.add_request(0, prompt, SamplingParams(max_tokens=MAX_LEN - context - 1, temperature=0.0, ignore_eos=True))
-    for _ in range(4):
+def decode_engine(runner: TorchModelRunner, vocab: int, context: int, batch: int = 1) -> Engine:
+    """``batch`` requests, prefilled and past their first decode steps: every later step is a batch-``batch`` decode."""
+    budget = 8192
+    e = Engine(runner, IdTokenizer(), set(), EngineConfig(budget, max(4, batch), enable_overlap=False))
+    gen = torch.Generator().manual_seed(0)
+    for rid in range(batch):
+        prompt = torch.randint(1, vocab, (context,), generator=gen).tolist()
+        e.add_request(rid, prompt, SamplingParams(max_tokens=MAX_LEN - context - 1, temperature=0.0, ignore_eos=True))
+    for _ in range(-(-batch * context // budget) + 4):  # the prefill chunks, then a few decode steps
         e.step()
     return e
 
@@ -99,30 +102,32 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=4000, help="prompt tokens before the decode steps")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, narrow model (checks the script on CPU)")
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    b = args.batch
 
     cfg = moonlight_config(args.tiny, args.layers)
     model = build_random_model(cfg, dtype=torch.bfloat16, device=args.device, seed=1)
-    report: dict = {"layers": cfg.num_hidden_layers, "context": args.context}
+    report: dict = {"layers": cfg.num_hidden_layers, "context": args.context, "batch": b}
     with torch.inference_mode():
-        eager = decode_engine(make_runner(model, args.device, 0), cfg.vocab_size, args.context)
+        eager = decode_engine(make_runner(model, args.device, 0, b), cfg.vocab_size, args.context, b)
         report["eager_wall_ms"] = wall_ms_per_step(eager, args.steps, args.device)
         report["eager"] = kernel_table(eager, args.steps, args.device)
         del eager
         if args.device == "cuda":
-            graphed = decode_engine(make_runner(model, args.device, 1), cfg.vocab_size, args.context)
+            graphed = decode_engine(make_runner(model, args.device, b, b), cfg.vocab_size, args.context, b)
             report["graph_wall_ms"] = wall_ms_per_step(graphed, args.steps, args.device)
             del graphed
             # the same with the shared experts on the main stream (the A/B of the second stream)
             os.environ[env.SHARED_EXPERTS_STREAM] = "0"
-            graphed = decode_engine(make_runner(model, args.device, 1), cfg.vocab_size, args.context)
+            graphed = decode_engine(make_runner(model, args.device, b, b), cfg.vocab_size, args.context, b)
             report["graph_wall_ms_one_stream"] = wall_ms_per_step(graphed, args.steps, args.device)
             del graphed
             os.environ.pop(env.SHARED_EXPERTS_STREAM)
 
     k = report["eager"]
-    print(f"Moonlight-shaped, {cfg.num_hidden_layers} layers, batch 1 decode at ~{args.context} tokens, {args.device}")
+    print(f"Moonlight-shaped, {cfg.num_hidden_layers} layers, batch {b} decode at ~{args.context} tokens, {args.device}")
     print(f"kernels/step {k['kernels_per_step']:.0f} ({k['kernels_per_step'] / cfg.num_hidden_layers:.1f} per layer), "
           f"GPU busy {k['busy_ms_per_step']:.2f} ms/step, eager wall {report['eager_wall_ms']:.2f} ms, "
           f"graph wall {report.get('graph_wall_ms', float('nan')):.2f} ms "

@@ -4,7 +4,7 @@ CPU: the grouped_gemm schema, CPU reference, fake (opcheck) and argument checks;
 reference (``fused_moe_by_expert_ref``) against the slot-by-slot ``fused_moe_ref``; the fp8
 tolerance's calibration; the registry entry.
 GPU (``-m gpu``, Hopper only): grouped GEMMs (bf16; fp8 with 1x128 / 128x128 block scales;
-both compiled tiles) and fused_moe (each tile, and bf16's decode path of grouped GEMVs)
+both compiled tiles) and fused_moe (each tile, and the decode path of grouped GEMVs)
 against fp64 (bf16) / fp32 (fp8, the contract) references within the MoE tolerance table,
 including experts with no, one and all rows; DeepSeek-V3
 shapes (hidden 7168, intermediate 2048 and 512, 256 experts top-8 routed onto 256 or 64
@@ -32,8 +32,8 @@ FP8 = torch.float8_e4m3fn
 BLOCK = 128
 # Compiled GEMM tiles per dtype: bf16 has a 64-row decode tile, fp8 one tile for all sizes.
 TILES = {False: ("large", "small"), True: ("large",)}
-# fused_moe's paths: the tiles, and for bf16 the decode path (grouped GEMVs, 4 rows per task).
-MOE_PATHS = {False: ("large", "small", "decode"), True: ("large",)}
+# fused_moe's paths: the tiles, and the decode path (grouped GEMVs, 4 rows per task).
+MOE_PATHS = {False: ("large", "small", "decode"), True: ("large", "decode")}
 # opcheck's test_schema compares inputs before/after with allclose, which torch does not
 # implement for float8 tensors; the other checks (fake, autograd, AOT dispatch) run.
 FP8_OPCHECKS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -374,18 +374,20 @@ def test_gpu_many_tokens_large_tile(fp8: bool, gen: torch.Generator) -> None:
     _check_moe(out, fused_moe_by_expert_ref(x if fp8 else x.double(), w13, w2, w, ids, s13, s2, 0), fp8, "T2048")
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("tile", ["decode"], indirect=True)
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_decode_path_over_chunked_route_map(tile: str, gen: torch.Generator) -> None:
+def test_gpu_decode_path_over_chunked_route_map(tile: str, fp8: bool, gen: torch.Generator) -> None:
     """The decode path forced at 1600 slots: its task list comes from the multi-chunk route map."""
     g = _cuda_gen(gen)
     tokens, local, hidden, inter = 200, 16, 256, 128
     w, ids = moe_route_ref(torch.randn(tokens, local, generator=g, device="cuda"), 8, "softmax")
     x = torch.randn(tokens, hidden, generator=g, device="cuda").bfloat16()
-    w13, w2, _, _ = experts(local, hidden, inter, False, g, "cuda")
-    out = tk.fused_moe(x, w13, w2, w, ids, None, None, 0)
-    _check_moe(out, fused_moe_by_expert_ref(x.double(), w13, w2, w, ids, None, None, 0), False, "T200 decode path")
+    w13, w2, s13, s2 = experts(local, hidden, inter, fp8, g, "cuda")
+    out = tk.fused_moe(x, w13, w2, w, ids, s13, s2, 0)
+    want = fused_moe_by_expert_ref(x if fp8 else x.double(), w13, w2, w, ids, s13, s2, 0)
+    _check_moe(out, want, fp8, "T200 decode path")
 
 
 @pytest.mark.parametrize("tokens", [8, 1024])
@@ -445,3 +447,9 @@ def test_gpu_refuses_what_it_does_not_cover() -> None:
     w13b, w2b = torch.zeros(2, 64, 132, device="cuda").bfloat16(), torch.zeros(2, 132, 32, device="cuda").bfloat16()
     with pytest.raises(RuntimeError, match=r"multiples of 8"):
         tk.fused_moe(xb, w13b, w2b, ids.float(), ids)
+    # fp8 experts need whole 128-value scale blocks (the contract's check, shared by every backend)
+    xf = torch.randn(4, 192, device="cuda", dtype=torch.bfloat16)
+    w13f, s13 = fp8_experts(2, 256, 192, torch.Generator().manual_seed(0), "cpu")
+    w2f, s2 = fp8_experts(2, 192, 128, torch.Generator().manual_seed(1), "cpu")
+    with pytest.raises(RuntimeError, match=r"fp8 experts need hidden \(192\).*multiples of 128"):
+        tk.fused_moe(xf, w13f.cuda(), w2f.cuda(), ids.float(), ids, s13.cuda(), s2.cuda())

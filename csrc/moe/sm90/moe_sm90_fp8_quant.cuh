@@ -1,0 +1,62 @@
+// Bf16 <-> fp32 packing and the DeepSeek per-128 activation quantisation shared by the sm90
+// MoE kernels (moe_sm90_permute.cu, moe_sm90_decode_fp8.cu). Device code only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "moe/moe_sm90.h"
+
+namespace tokenspeed::moe_sm90 {
+
+constexpr int kGroupLanes = kScaleBlock / 8;  // 16 lanes x 8 values = one 128-value scale group
+
+struct Bf16x8 {
+  float v[8];
+};
+
+__device__ __forceinline__ Bf16x8 unpack_bf16x8(uint4 raw) {
+  Bf16x8 out;
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out.v[2 * i] = f.x;
+    out.v[2 * i + 1] = f.y;
+  }
+  return out;
+}
+
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  return raw;
+}
+
+// Quantises this lane's 8 values of a 128-value group shared by 16 consecutive lanes:
+// scale = max(amax, 1e-10) / 448, q = e4m3(clamp(x / scale)) with IEEE division and
+// round-to-nearest-even, as the reference does. Every lane of the warp must call it.
+__device__ __forceinline__ uint2 quantize_group_lane(const float (&v)[8], float& scale) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+  for (int d = kGroupLanes / 2; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+  scale = __fdiv_rn(fmaxf(amax, 1e-10f), kE4m3Max);
+  uint2 packed;
+  auto* q = reinterpret_cast<__nv_fp8x2_storage_t*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 pair;
+    pair.x = fminf(fmaxf(__fdiv_rn(v[2 * i], scale), -kE4m3Max), kE4m3Max);
+    pair.y = fminf(fmaxf(__fdiv_rn(v[2 * i + 1], scale), -kE4m3Max), kE4m3Max);
+    q[i] = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
+  }
+  return packed;
+}
+
+}  // namespace tokenspeed::moe_sm90
