@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "moe/moe_sm90.h"
+#include "moe/sm90/moe_sm90_common.cuh"
 
 namespace tokenspeed::moe_sm90 {
 namespace {
@@ -35,39 +36,18 @@ constexpr int kUnroll = 4;                     // steps whose weight loads are i
 // Upper bound on CTAs per launch: enough waves to fill the GPU, few idle ones.
 constexpr int kMaxBlocks = 8192;
 
-__device__ __forceinline__ uint4 load_weights(const __nv_bfloat16* ptr) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr));
-  return v;
-}
-
-__device__ __forceinline__ void to_f32x8(uint4 raw, float (&v)[8]) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-
 // acc_a[m] += <wa, x_m>, acc_b[m] += <wb, x_m> over this lane's 8 values at k0.
 template <int M>
 __device__ __forceinline__ void fma_step(uint4 wa_raw, uint4 wb_raw, const __nv_bfloat16* const (&x)[M], int k0,
                                          float (&acc_a)[M], float (&acc_b)[M]) {
-  float wa[8], wb[8];
-  to_f32x8(wa_raw, wa);
-  to_f32x8(wb_raw, wb);
+  const Bf16x8 wa = unpack_bf16x8(wa_raw), wb = unpack_bf16x8(wb_raw);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    float xv[8];
-    to_f32x8(__ldg(reinterpret_cast<const uint4*>(x[m] + k0)), xv);
+    const Bf16x8 xv = unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(x[m] + k0)));
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      acc_a[m] = fmaf(wa[i], xv[i], acc_a[m]);
-      acc_b[m] = fmaf(wb[i], xv[i], acc_b[m]);
+      acc_a[m] = fmaf(wa.v[i], xv.v[i], acc_a[m]);
+      acc_b[m] = fmaf(wb.v[i], xv.v[i], acc_b[m]);
     }
   }
 }
@@ -86,13 +66,13 @@ __device__ __forceinline__ void dot_unit(const __nv_bfloat16* wa, const __nv_bfl
     uint4 a[kUnroll], b[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      a[u] = load_weights(wa + k0 + u * kStep);
-      b[u] = load_weights(wb + k0 + u * kStep);
+      a[u] = load_stream16(wa + k0 + u * kStep);
+      b[u] = load_stream16(wb + k0 + u * kStep);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) fma_step<M>(a[u], b[u], x, k0 + u * kStep, acc_a, acc_b);
   }
-  for (; k0 < k; k0 += kStep) fma_step<M>(load_weights(wa + k0), load_weights(wb + k0), x, k0, acc_a, acc_b);
+  for (; k0 < k; k0 += kStep) fma_step<M>(load_stream16(wa + k0), load_stream16(wb + k0), x, k0, acc_a, acc_b);
 #pragma unroll
   for (int d = kLanes / 2; d > 0; d >>= 1) {
 #pragma unroll

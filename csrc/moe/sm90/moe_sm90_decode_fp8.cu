@@ -27,7 +27,7 @@
 #include <cstdint>
 
 #include "moe/moe_sm90.h"
-#include "moe/sm90/moe_sm90_fp8_quant.cuh"
+#include "moe/sm90/moe_sm90_common.cuh"
 
 namespace tokenspeed::moe_sm90 {
 namespace {
@@ -38,14 +38,6 @@ constexpr int kTileRows = 16;       // A rows of one mma
 constexpr int kChunk = 64;          // K bytes of one lane-row's 16-byte loads across 4 lanes
 constexpr int kMaxBlocks = 8192;
 constexpr int kQuantThreads = 256;
-
-__device__ __forceinline__ uint4 load_weights(const uint8_t* ptr) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr));
-  return v;
-}
 
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
@@ -104,11 +96,11 @@ __global__ void __launch_bounds__(kThreads) decode_fp8_kernel(DecodeFp8Params p)
       uint4 a_lo[2], a_hi[2], b_lo[2], b_hi[2], xv[2];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        a_lo[c] = load_weights(wa + off + c * kChunk);
-        a_hi[c] = load_weights(wa + eight_rows + off + c * kChunk);
+        a_lo[c] = load_stream16(wa + off + c * kChunk);
+        a_hi[c] = load_stream16(wa + eight_rows + off + c * kChunk);
         if constexpr (kGateUp) {
-          b_lo[c] = load_weights(wb + off + c * kChunk);
-          b_hi[c] = load_weights(wb + eight_rows + off + c * kChunk);
+          b_lo[c] = load_stream16(wb + off + c * kChunk);
+          b_hi[c] = load_stream16(wb + eight_rows + off + c * kChunk);
         }
         xv[c] = has_x ? __ldg(reinterpret_cast<const uint4*>(x + off + c * kChunk)) : make_uint4(0, 0, 0, 0);
       }
@@ -155,23 +147,14 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(QuantizeRo
   const int kb = p.k / kScaleBlock;
   const auto* src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.in) + row * p.in_stride);
   auto* dst = reinterpret_cast<uint2*>(static_cast<uint8_t*>(p.out) + static_cast<int64_t>(row) * p.k);
-  constexpr int kGroupsPerPass = kQuantThreads / kGroupLanes;
-  for (int g0 = 0; g0 < kb; g0 += kGroupsPerPass) {  // uniform trip count: the shuffles need all lanes
-    const int grp = g0 + threadIdx.x / kGroupLanes;
-    const int i = grp * kGroupLanes + threadIdx.x % kGroupLanes;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (grp < kb) {
-      const Bf16x8 in = unpack_bf16x8(src[i]);
+  quantize_row(
+      kb, dst, p.out_scale,
+      [&](int i, float(&v)[8]) {
+        const Bf16x8 in = unpack_bf16x8(src[i]);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = in.v[j];
-    }
-    float scale;
-    const uint2 q = quantize_group_lane(v, scale);
-    if (grp < kb) {
-      dst[i] = q;
-      if (threadIdx.x % kGroupLanes == 0) p.out_scale[static_cast<int64_t>(row) * kb + grp] = scale;
-    }
-  }
+        for (int j = 0; j < 8; ++j) v[j] = in.v[j];
+      },
+      [&](int g) { return static_cast<int64_t>(row) * kb + g; });
 }
 
 cudaError_t launch(void (*kernel)(DecodeFp8Params), const DecodeFp8Params& p, int tiles, int max_tasks,

@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "moe/moe_sm90.h"
-#include "moe/sm90/moe_sm90_fp8_quant.cuh"
+#include "moe/sm90/moe_sm90_common.cuh"
 
 namespace tokenspeed::moe_sm90 {
 namespace {
@@ -205,23 +205,14 @@ __global__ void __launch_bounds__(kThreads) gather_rows_kernel(GatherParams p) {
     const int start = m.expert_start[e], count = m.expert_counts[e];
     const int kb = p.hidden / kScaleBlock;
     auto* dst = reinterpret_cast<uint2*>(static_cast<uint8_t*>(p.out) + static_cast<int64_t>(row) * p.hidden);
-    constexpr int kGroupsPerPass = kThreads / kGroupLanes;
-    for (int g0 = 0; g0 < kb; g0 += kGroupsPerPass) {  // uniform trip count: the shuffles need all lanes
-      const int g = g0 + threadIdx.x / kGroupLanes;
-      const int i = g * kGroupLanes + threadIdx.x % kGroupLanes;
-      float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (g < kb) {
-        const Bf16x8 in = unpack_bf16x8(src[i]);
+    quantize_row(
+        kb, dst, p.out_scale,
+        [&](int i, float(&v)[8]) {
+          const Bf16x8 in = unpack_bf16x8(src[i]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = in.v[j];
-      }
-      float scale;
-      const uint2 q = quantize_group_lane(v, scale);
-      if (g < kb) {
-        dst[i] = q;
-        if (threadIdx.x % kGroupLanes == 0) p.out_scale[group_scale_index(row, g, kb, start, count)] = scale;
-      }
-    }
+          for (int j = 0; j < 8; ++j) v[j] = in.v[j];
+        },
+        [&](int g) { return group_scale_index(row, g, kb, start, count); });
   }
 }
 
@@ -262,26 +253,17 @@ __global__ void __launch_bounds__(kThreads) silu_mul_kernel(SiluMulParams p) {
     const int start = m.expert_start[e], count = m.expert_counts[e];
     const int kb = p.inter / kScaleBlock;
     auto* dst = reinterpret_cast<uint2*>(static_cast<uint8_t*>(p.out) + static_cast<int64_t>(row) * p.inter);
-    constexpr int kGroupsPerPass = kThreads / kGroupLanes;
-    for (int g0 = 0; g0 < kb; g0 += kGroupsPerPass) {
-      const int g = g0 + threadIdx.x / kGroupLanes;
-      const int i = g * kGroupLanes + threadIdx.x % kGroupLanes;
-      float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (g < kb) {
-        float act[8];
-        silu_mul8(gate, up, i, act);
-        // The contract stores the intermediate in bf16; quantise those bf16 values.
-        const Bf16x8 rounded = unpack_bf16x8(pack_bf16x8(act));
+    quantize_row(
+        kb, dst, p.out_scale,
+        [&](int i, float(&v)[8]) {
+          float act[8];
+          silu_mul8(gate, up, i, act);
+          // The contract stores the intermediate in bf16; quantise those bf16 values.
+          const Bf16x8 rounded = unpack_bf16x8(pack_bf16x8(act));
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = rounded.v[j];
-      }
-      float scale;
-      const uint2 q = quantize_group_lane(v, scale);
-      if (g < kb) {
-        dst[i] = q;
-        if (threadIdx.x % kGroupLanes == 0) p.out_scale[group_scale_index(row, g, kb, start, count)] = scale;
-      }
-    }
+          for (int j = 0; j < 8; ++j) v[j] = rounded.v[j];
+        },
+        [&](int g) { return group_scale_index(row, g, kb, start, count); });
   }
 }
 

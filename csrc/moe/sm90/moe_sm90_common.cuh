@@ -1,5 +1,6 @@
-// Bf16 <-> fp32 packing and the DeepSeek per-128 activation quantisation shared by the sm90
-// MoE kernels (moe_sm90_permute.cu, moe_sm90_decode_fp8.cu). Device code only.
+// Device helpers shared by the sm90 MoE kernels (moe_sm90_permute.cu, moe_sm90_decode*.cu):
+// bf16 <-> fp32 packing, the streaming weight load, and the DeepSeek per-128 activation
+// quantisation. Device code only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,6 +58,36 @@ __device__ __forceinline__ uint2 quantize_group_lane(const float (&v)[8], float&
     q[i] = __nv_cvt_float2_to_fp8x2(pair, __NV_SATFINITE, __NV_E4M3);
   }
   return packed;
+}
+
+// Quantises one row of kb 128-value groups with the whole block (blockDim.x a multiple of 16):
+// load(i, v) fills the 8 fp32 values of the row's 16-byte vector i (group i / 16), dst[i]
+// receives their e4m3 codes, and group g's scale goes to scales[scale_index(g)]. The trip
+// count is the same for every thread: the shuffles need all lanes.
+template <class Load, class ScaleIndex>
+__device__ __forceinline__ void quantize_row(int kb, uint2* dst, float* scales, Load load, ScaleIndex scale_index) {
+  const int groups_per_pass = blockDim.x / kGroupLanes;
+  for (int g0 = 0; g0 < kb; g0 += groups_per_pass) {
+    const int g = g0 + threadIdx.x / kGroupLanes;
+    const int i = g * kGroupLanes + threadIdx.x % kGroupLanes;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (g < kb) load(i, v);
+    float scale;
+    const uint2 q = quantize_group_lane(v, scale);
+    if (g < kb) {
+      dst[i] = q;
+      if (threadIdx.x % kGroupLanes == 0) scales[scale_index(g)] = scale;
+    }
+  }
+}
+
+// 16 bytes of weights read once: no L1 allocation, 256-byte L2 prefetch.
+__device__ __forceinline__ uint4 load_stream16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
 }
 
 }  // namespace tokenspeed::moe_sm90
