@@ -24,6 +24,8 @@ SOURCES = [
     "csrc/mla/merge_attn_states.cu",
     "csrc/mla/prefill/mla_prefill_sm90_d192.cu",
     "csrc/moe/sm90/moe_sm90_permute.cu",
+    "csrc/moe/sm90/moe_sm90_decode.cu",
+    "csrc/moe/sm90/moe_sm90_decode_fp8.cu",
 ]
 FUNCTION = re.compile(
     r"Function properties for (\S+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
