@@ -1,6 +1,6 @@
 // Device helpers shared by the sm90 MoE kernels (moe_sm90_permute.cu, moe_sm90_decode*.cu):
 // bf16 <-> fp32 packing, the streaming weight load, and the DeepSeek per-128 activation
-// quantisation. Device code only.
+// quantisation, and the decode GEMVs' grid (host).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -79,6 +79,26 @@ __device__ __forceinline__ void quantize_row(int kb, uint2* dst, float* scales, 
       if (threadIdx.x % kGroupLanes == 0) scales[scale_index(g)] = scale;
     }
   }
+}
+
+// quantize_row's load for a bf16 row: vector i of src, as fp32.
+struct Bf16RowLoad {
+  const uint4* src;
+  __device__ __forceinline__ void operator()(int i, float (&v)[8]) const {
+    const Bf16x8 in = unpack_bf16x8(src[i]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = in.v[j];
+  }
+};
+
+// Grid of a decode-path GEMV: blocks_x column blocks times one block row per task, the rows
+// capped so that a launch stays within kDecodeMaxBlocks CTAs (enough waves to fill the GPU,
+// few idle ones; each CTA loops over its tasks).
+constexpr int kDecodeMaxBlocks = 8192;
+inline dim3 decode_grid(int blocks_x, int max_tasks) {
+  int blocks_y = max_tasks < 1 ? 1 : max_tasks;
+  if (static_cast<int64_t>(blocks_x) * blocks_y > kDecodeMaxBlocks) blocks_y = max(1, kDecodeMaxBlocks / blocks_x);
+  return dim3(blocks_x, blocks_y);
 }
 
 // 16 bytes of weights read once: no L1 allocation, 256-byte L2 prefetch.

@@ -33,8 +33,6 @@ constexpr int kUnitsPerBlock = kWarps * kUnitsPerWarp;
 constexpr int kVec = 8;                        // bf16 values per 16-byte load
 constexpr int kStep = kLanes * kVec;           // K covered by one unit per step
 constexpr int kUnroll = 4;                     // steps whose weight loads are in flight at once
-// Upper bound on CTAs per launch: enough waves to fill the GPU, few idle ones.
-constexpr int kMaxBlocks = 8192;
 
 // acc_a[m] += <wa, x_m>, acc_b[m] += <wb, x_m> over this lane's 8 values at k0.
 template <int M>
@@ -140,10 +138,8 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(DecodeGemvParams 
 cudaError_t launch(void (*kernel)(DecodeGemvParams), const DecodeGemvParams& p, int max_tasks,
                    cudaStream_t stream) {
   const int units = p.n / 2;
-  const int blocks_x = (units + kUnitsPerBlock - 1) / kUnitsPerBlock;
-  int blocks_y = max_tasks < 1 ? 1 : max_tasks;
-  if (static_cast<int64_t>(blocks_x) * blocks_y > kMaxBlocks) blocks_y = max(1, kMaxBlocks / blocks_x);
-  kernel<<<dim3(blocks_x, blocks_y), kThreads, 0, stream>>>(p);
+  const dim3 grid = decode_grid((units + kUnitsPerBlock - 1) / kUnitsPerBlock, max_tasks);
+  kernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -36,7 +36,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 16;       // A rows of one mma
 constexpr int kChunk = 64;          // K bytes of one lane-row's 16-byte loads across 4 lanes
-constexpr int kMaxBlocks = 8192;
 constexpr int kQuantThreads = 256;
 
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -147,22 +146,12 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(QuantizeRo
   const int kb = p.k / kScaleBlock;
   const auto* src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.in) + row * p.in_stride);
   auto* dst = reinterpret_cast<uint2*>(static_cast<uint8_t*>(p.out) + static_cast<int64_t>(row) * p.k);
-  quantize_row(
-      kb, dst, p.out_scale,
-      [&](int i, float(&v)[8]) {
-        const Bf16x8 in = unpack_bf16x8(src[i]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = in.v[j];
-      },
-      [&](int g) { return static_cast<int64_t>(row) * kb + g; });
+  quantize_row(kb, dst, p.out_scale, Bf16RowLoad{src}, [&](int g) { return static_cast<int64_t>(row) * kb + g; });
 }
 
 cudaError_t launch(void (*kernel)(DecodeFp8Params), const DecodeFp8Params& p, int tiles, int max_tasks,
                    cudaStream_t stream) {
-  const int blocks_x = (tiles + kWarps - 1) / kWarps;
-  int blocks_y = max_tasks < 1 ? 1 : max_tasks;
-  if (static_cast<int64_t>(blocks_x) * blocks_y > kMaxBlocks) blocks_y = max(1, kMaxBlocks / blocks_x);
-  kernel<<<dim3(blocks_x, blocks_y), kThreads, 0, stream>>>(p);
+  kernel<<<decode_grid((tiles + kWarps - 1) / kWarps, max_tasks), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

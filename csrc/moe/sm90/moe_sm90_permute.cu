@@ -205,14 +205,8 @@ __global__ void __launch_bounds__(kThreads) gather_rows_kernel(GatherParams p) {
     const int start = m.expert_start[e], count = m.expert_counts[e];
     const int kb = p.hidden / kScaleBlock;
     auto* dst = reinterpret_cast<uint2*>(static_cast<uint8_t*>(p.out) + static_cast<int64_t>(row) * p.hidden);
-    quantize_row(
-        kb, dst, p.out_scale,
-        [&](int i, float(&v)[8]) {
-          const Bf16x8 in = unpack_bf16x8(src[i]);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) v[j] = in.v[j];
-        },
-        [&](int g) { return group_scale_index(row, g, kb, start, count); });
+    quantize_row(kb, dst, p.out_scale, Bf16RowLoad{src},
+                 [&](int g) { return group_scale_index(row, g, kb, start, count); });
   }
 }
 
