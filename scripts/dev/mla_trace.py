@@ -25,6 +25,9 @@ for _ in range(2):
     torch.cuda.synchronize()
 """
 LINE = re.compile(r"mla_trace (\w+) cta (\d+) tid (\d+) ev (\d+) ns (\d+)")
+PHASE = re.compile(r"mla_phase cta (\d+) tid (\d+) tiles (\d+) c ([\d ]+)")
+BUCKETS = ("acquire", "wait PV", "wait QK", "softmax1", "bar max", "softmax2", "bar P", "other")
+PRODUCER = ("wait empty", "issue")
 NAMES = {0: "entry", 1: "plan done", 2: "1st TMA issued", 3: "last TMA issued", 4: "1st tile full",
          5: "loop done", 6: "epilogue done", 7: "combine waited", 8: "combine done"}  # fmt: skip
 
@@ -52,11 +55,27 @@ def main() -> None:
             print(f"median {NAMES[e]:>15} - entry: {statistics.median(vals):7.2f} us")
     end = max(c.get(6, 0.0) for c in per_cta.values())
     print(f"decode: last epilogue at {end:.2f} us")
+    print_phases(out)
     for kernel in ("combine_rows", "combine_splits"):
         for ev in (7, 8):
             vals = [(ns - t0) / 1e3 for (k, _, _, e), ns in last.items() if k == kernel and e == ev]
             if vals:
                 print(f"{kernel} {NAMES[ev]}: first {min(vals):.2f}, last {max(vals):.2f} us")
+
+
+def print_phases(out: str) -> None:
+    """Cycles per tile in each bucket of the consumer loop (median over the traced threads of
+    the last call; each thread prints once per call, so keep the second half of the lines)."""
+    rows = [(int(m[2]), int(m[3]), [int(x) for x in m[4].split()]) for m in PHASE.finditer(out)]
+    rows = rows[len(rows) // 2 :]
+    for role, tids, names in (("consumer", (128, 256), BUCKETS), ("producer", (0,), PRODUCER)):
+        per = [[c / max(n, 1) for c in cyc] for tid, n, cyc in rows if tid in tids]
+        if not per:
+            continue
+        med = [statistics.median(col) for col in zip(*per, strict=True)]
+        total = sum(med[: len(names)])
+        parts = " | ".join(f"{name} {v:6.0f}" for name, v in zip(names, med[: len(names)], strict=True))
+        print(f"{role} cycles/tile (median of {len(per)}): {parts} | sum {total:6.0f}")
 
 
 if __name__ == "__main__":

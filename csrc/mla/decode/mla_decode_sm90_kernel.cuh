@@ -59,6 +59,7 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
   SegIter it{sr.first_b, sr.first_start};
   Segment seg;
   uint32_t iter = 0;
+  TS_MLA_PHASE_DECL;
   while (next_segment(p, sr, it, seg)) {
     const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
     for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
@@ -77,7 +78,10 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
           cache_row[x] = (__ldg(table + (key >> ps_log2)) << ps_log2) + (key & page_mask);
         }
       }
+      TS_MLA_PHASE(1);
+      TS_MLA_PHASE_TILE();
       mbar_wait(bar_empty0 + stage * 8, ((iter >> 1) & 1) ^ 1);
+      TS_MLA_PHASE(0);
       const uint32_t full = bar_full0 + stage * 8;
       mbar_arrive_expect_tx(full, static_cast<uint32_t>(boxes) * kPanels * box_bytes);
       const uint32_t dst = smem_base + kStageOff + stage * kTileBytes;
@@ -94,6 +98,8 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
     }
   }
   TS_MLA_TRACE_EVENT("decode", trace::kLastTmaIssued);
+  TS_MLA_PHASE(1);
+  TS_MLA_PHASE_PRINT();
 }
 
 // ---------------------------------------------------------------------------------
@@ -235,6 +241,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
   SegIter it{sr.first_b, sr.first_start};
   Segment seg;
   uint32_t iter = 0;
+  TS_MLA_PHASE_DECL;
   while (next_segment(p, sr, it, seg)) {
     // Both warpgroups are done with the previous segment's Q (all wgmma waited).
     named_bar_sync(kBarSeg, 256);
@@ -251,7 +258,9 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
 
+    TS_MLA_PHASE(trace::kPhOther);
     acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
+    TS_MLA_PHASE(trace::kPhAcquire);
     if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTileFull);
     issue_qk(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
 
@@ -260,11 +269,15 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
       const uint32_t stage_addr = smem_base + kStageOff + stage * kTileBytes;
       uint8_t* stage_ptr = smem + kStageOff + stage * kTileBytes;
       // In flight: PV(t-1) (if any), then QK(t). Groups retire in order.
+      TS_MLA_PHASE(trace::kPhOther);
+      TS_MLA_PHASE_TILE();
       wgmma_wait<1>();
       fence_regs(o);
       if (t > seg.t0 && lane == 0) mbar_arrive(bar_empty0 + (stage ^ 1) * 8);  // tile t-1 consumed
+      TS_MLA_PHASE(trace::kPhWaitPv);
       wgmma_wait<0>();
       fence_regs(s);
+      TS_MLA_PHASE(trace::kPhWaitQk);
 
       // Scores to the log2 domain; masked keys become -inf before any exp.
       const int key0 = t * kBlockN;
@@ -296,7 +309,9 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
         mbuf[w * kBlockM + row0] = mx0;
         mbuf[w * kBlockM + row1] = mx1;
       }
+      TS_MLA_PHASE(trace::kPhSoftmax1);
       named_bar_sync(kBarMax, 256);  // also: both warpgroups' QK(t) are complete
+      TS_MLA_PHASE(trace::kPhBarMax);
       mx0 = fmaxf(mx0, mbuf[(w ^ 1) * kBlockM + row0]);
       mx1 = fmaxf(mx1, mbuf[(w ^ 1) * kBlockM + row1]);
 
@@ -353,12 +368,16 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
         }
       }
       fence_proxy_async();         // P stores -> read by wgmma
+      TS_MLA_PHASE(trace::kPhSoftmax2);
       named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem
+      TS_MLA_PHASE(trace::kPhBarP);
       issue_pv(o, stage_addr, w);
 
       // Next tile's QK^T queues behind PV(t) on the tensor cores.
       if (t + 1 < seg.t1) {
+        TS_MLA_PHASE(trace::kPhOther);
         acquire_tile(smem, smem_base, iter + 1, seg.len - (t + 1) * kBlockN, w, wtid);
+        TS_MLA_PHASE(trace::kPhAcquire);
         issue_qk(s, q_addr, smem_base + kStageOff + ((iter + 1) & 1) * kTileBytes, w);
       }
     }
@@ -406,6 +425,8 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
     }
     TS_MLA_TRACE_EVENT("decode", trace::kEpilogueDone);
   }
+  TS_MLA_PHASE(trace::kPhOther);
+  TS_MLA_PHASE_PRINT();
 }
 
 }  // namespace dev

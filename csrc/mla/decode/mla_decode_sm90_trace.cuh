@@ -33,8 +33,56 @@ enum Event : int {
              static_cast<int>(threadIdx.x), static_cast<int>(ev), ns_);                      \
     }                                                                                         \
   } while (0)
+// Cycle accounting of the consumer loop (same build flag): TS_MLA_PHASE(k) adds the SM
+// cycles since the previous mark to bucket k; TS_MLA_PHASE_PRINT prints one line per traced
+// consumer thread: `mla_phase cta <i> tid <t> tiles <n> <bucket cycles...>`.
+#define TS_MLA_PHASE_DECL \
+  unsigned long long ph_acc_[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
+  unsigned long long ph_t_ = clock64();                      \
+  int ph_tiles_ = 0
+#define TS_MLA_PHASE(k)                          \
+  do {                                           \
+    const unsigned long long ph_n_ = clock64();  \
+    ph_acc_[k] += ph_n_ - ph_t_;                 \
+    ph_t_ = ph_n_;                               \
+  } while (0)
+#define TS_MLA_PHASE_TILE() (++ph_tiles_)
+#define TS_MLA_PHASE_PRINT()                                                                          \
+  do {                                                                                                \
+    if (blockIdx.x % 32 == 0 && (threadIdx.x == 128 || threadIdx.x == 256 || threadIdx.x == 0)) {     \
+      printf("mla_phase cta %d tid %d tiles %d c %llu %llu %llu %llu %llu %llu %llu %llu\n",          \
+             static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x), ph_tiles_, ph_acc_[0],      \
+             ph_acc_[1], ph_acc_[2], ph_acc_[3], ph_acc_[4], ph_acc_[5], ph_acc_[6], ph_acc_[7]);     \
+    }                                                                                                 \
+  } while (0)
 #else
 #define TS_MLA_TRACE_EVENT(kernel, ev) \
   do {                                 \
   } while (0)
+#define TS_MLA_PHASE_DECL \
+  do {                    \
+  } while (0)
+#define TS_MLA_PHASE(k) \
+  do {                  \
+  } while (0)
+#define TS_MLA_PHASE_TILE() \
+  do {                      \
+  } while (0)
+#define TS_MLA_PHASE_PRINT() \
+  do {                       \
+  } while (0)
 #endif
+
+namespace tokenspeed::mla_sm90::trace {
+// Buckets of TS_MLA_PHASE in the consumer (producer: 0 = waiting for an empty stage, 1 = the rest).
+enum Phase : int {
+  kPhAcquire = 0,  // waiting for a tile's TMA (full barrier), tail zeroing
+  kPhWaitPv = 1,   // wgmma_wait<1>: PV(t-1) retiring
+  kPhWaitQk = 2,   // wgmma_wait<0>: QK(t) retiring
+  kPhSoftmax1 = 3, // scale, mask, row max
+  kPhBarMax = 4,   // the row-max exchange barrier
+  kPhSoftmax2 = 5, // exp2, sums, P stores, O rescale
+  kPhBarP = 6,     // the P barrier
+  kPhOther = 7,    // issuing wgmma, Q loads, epilogue
+};
+}  // namespace tokenspeed::mla_sm90::trace
