@@ -81,7 +81,7 @@ def _log_kernels(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype
     from tokenspeed_kernels import registry
 
     chosen = []
-    for op in ("mla_decode", "mla_prefill", "moe_route", "fused_moe"):
+    for op in ("mla_decode", "mla_prefill", "mla_latent_write", "moe_route", "fused_moe"):
         traits = {"kv_dtype": kv_dtype} if op == "mla_decode" else {}  # an fp8 cache has its own decode kernels
         try:
             chosen.append(f"{op}={registry.select(op, device, dtype, **traits).backend}")

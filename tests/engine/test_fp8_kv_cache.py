@@ -99,7 +99,9 @@ def _generate(model, prompts: list[list[int]]) -> dict[int, list[int]]:
 
 
 def _rounded_writes(monkeypatch, transform) -> None:
-    """Make the attention layer write ``transform(latents)`` (into a 16/32-bit cache)."""
+    """Make the attention layer write ``transform(latents)`` (into a 16/32-bit cache): through the
+    separate norm / rotary / write_paged_kv path, the fused latent write switched off."""
+    monkeypatch.setattr(deepseek_v3.DeepseekV3Attention, "_latent_write_kernel", staticmethod(lambda latent, cache: None))
     write = deepseek_v3.write_paged_kv
     monkeypatch.setattr(deepseek_v3, "write_paged_kv", lambda c, s, v, scale=None: write(c, s, transform(v), scale))
 

@@ -108,13 +108,40 @@ class DeepseekV3Attention(nn.Module):
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(T, self.heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
-        c, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
-        c = self.kv_a_layernorm(c)
-        q_pe, k_pe = self.rotary_emb(batch.positions, q_pe, k_pe.unsqueeze(1))
-        write_paged_kv(cache, batch.out_cache_loc, torch.cat([c, k_pe.squeeze(1)], dim=-1), kv_scale)  # fp8: quantises
-        run = self._decode if batch.is_decode else self._extend
-        out = run(q_nope, q_pe, batch, cache, kv_scale)
+        latent_write = self._latent_write_kernel(latent, cache)
+        q_abs = None  # a decode's absorbed query [T, heads, kv_lora_rank + rope]
+        if latent_write is not None:
+            # one kernel: kv_a RMSNorm, rope of k_pe and q_pe, the cache row; a decode's rotated
+            # q_pe lands straight in the rope columns of the absorbed query
+            if batch.is_decode:
+                q_abs = torch.empty(T, self.heads, self.kv_lora_rank + self.rope, dtype=q.dtype, device=q.device)
+                q_pe_out = q_abs[..., self.kv_lora_rank :]
+            else:
+                q_pe_out = torch.empty_like(q_pe)
+            rot, norm = self.rotary_emb, self.kv_a_layernorm
+            latent_write(batch.positions, latent, norm.weight, norm.eps, q_pe, rot.inv_freq, rot.attention_factor,
+                         rot.interleaved, cache, batch.out_cache_loc, q_pe_out)  # fmt: skip
+            q_pe = q_pe_out
+        else:
+            c, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
+            c = self.kv_a_layernorm(c)
+            q_pe, k_pe = self.rotary_emb(batch.positions, q_pe, k_pe.unsqueeze(1))
+            write_paged_kv(cache, batch.out_cache_loc, torch.cat([c, k_pe.squeeze(1)], dim=-1), kv_scale)  # fp8: quantises
+        if batch.is_decode:
+            out = self._decode(q_nope, q_pe, batch, cache, kv_scale, q_abs)
+        else:
+            out = self._extend(q_nope, q_pe, batch, cache, kv_scale)
         return self.o_proj(out.reshape(T, self.heads * self.v_dim))
+
+    @staticmethod
+    def _latent_write_kernel(latent: torch.Tensor, cache: torch.Tensor) -> Any:
+        """The fused latent write (``mla_latent_write``) when it serves this cache: same dtype (an
+        fp8 cache quantises through ``kv_cache_write``), and a verified kernel on a GPU (there the
+        reference composite would be slower than the separate norm / rotary kernels); else None."""
+        if cache.dtype != latent.dtype:
+            return None
+        k = kernel("mla_latent_write", latent)
+        return k if k.backend != "reference" or latent.device.type == "cpu" else None
 
     def _extend(
         self,
@@ -152,15 +179,19 @@ class DeepseekV3Attention(nn.Module):
         batch: ForwardBatch,
         cache: torch.Tensor,
         kv_scale: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``q``: the absorbed query with its rope columns already written (the fused latent write),
+        or None: allocated here and q_pe copied in."""
         T, H, L = q_nope.shape[0], self.heads, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, L)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         # absorb W_UK into the query: per head [T, nope] @ [nope, L], written straight into the
         # latent part of q (a strided bmm output, no copy); the rotated q_pe fills the rest
-        q = torch.empty(T, H, L + self.rope, dtype=q_nope.dtype, device=q_nope.device)
+        if q is None:
+            q = torch.empty(T, H, L + self.rope, dtype=q_nope.dtype, device=q_nope.device)
+            q[..., L:].copy_(q_pe)
         torch.bmm(q_nope.transpose(0, 1), w_uk, out=q[..., :L].transpose(0, 1))
-        q[..., L:].copy_(q_pe)
         q = q.view(batch.batch_size, batch.q_len, H, -1)
         if cache.dtype != torch.float8_e4m3fn and cache.dtype != q.dtype:
             q = q.to(cache.dtype)  # e.g. a bf16 cache under an fp32 model: the kernels take one 16/32-bit dtype

@@ -97,7 +97,7 @@ def register_builtin_kernels(built_with_cuda: bool) -> None:
         description="torch.ops.tokenspeed.kv_cache_write (CPU: torch reference; CUDA: the Triton kernel)",
     )
     for op, module in (("rms_norm", "norm"), ("fused_add_rms_norm", "norm"), ("silu_and_mul", "norm"),
-                       ("rotary_embedding", "rotary")):  # fmt: skip
+                       ("rotary_embedding", "rotary"), ("mla_latent_write", "mla_latent")):  # fmt: skip
         registry.register(
             op,
             "reference",

@@ -13,6 +13,7 @@ from tokenspeed_kernels.reference.kv_cache import (
     quantize_e4m3,
 )
 from tokenspeed_kernels.reference.mla import merge_attn_states_ref, mla_decode_ref, mla_prefill_ref
+from tokenspeed_kernels.reference.mla_latent import mla_latent_write_ref
 from tokenspeed_kernels.reference.moe import fused_moe_by_expert_ref, fused_moe_ref, moe_route_ref
 from tokenspeed_kernels.reference.norm import fused_add_rms_norm_ref, rms_norm_ref, silu_and_mul_ref
 from tokenspeed_kernels.reference.rotary import rotary_embedding_ref
@@ -32,4 +33,5 @@ __all__ = [
     "fused_add_rms_norm_ref",
     "silu_and_mul_ref",
     "rotary_embedding_ref",
+    "mla_latent_write_ref",
 ]

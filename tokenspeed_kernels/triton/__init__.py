@@ -89,3 +89,14 @@ def register_triton_kernels() -> None:
         priority=Priority.PERFORMANT,
         description="Triton rotary embedding of q and k in one kernel (angles in registers, HF rounding steps)",
     )
+    registry.register(
+        "mla_latent_write",
+        "triton",
+        "tokenspeed_kernels.ops.mla_latent:mla_latent_write",  # the op: validates, then the Triton kernel (CUDA key)
+        capability=NVIDIA_AMPERE_PLUS,
+        dtypes=(torch.bfloat16, torch.float16, torch.float32),
+        # tests/kernels/test_mla_latent_write.py: 6/6 GPU tests on the H100 (2026-11-23, session 8),
+        # bitwise equal to the Triton rms_norm + rotary it replaces; engine graph / fusion tests pass with it
+        priority=Priority.PERFORMANT,
+        description="Triton kv_a RMSNorm + rope of k_pe / q_pe + paged latent store in one kernel",
+    )

@@ -20,6 +20,16 @@ from tokenspeed_kernels.triton.rounding import cast_rne, interpreting
 
 
 @triton.jit
+def rms_scale_row(x, w, n, eps, X_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """RMSNorm of one row x (masked lanes 0) with HF's rounding steps: normalised in fp32, rounded
+    to x's dtype, then times the weight, rounded to the output dtype."""
+    h = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / n + eps)
+    h = cast_rne(h * inv, X_DTYPE, EXACT_CAST)
+    return cast_rne(w.to(tl.float32) * h.to(tl.float32), OUT_DTYPE, EXACT_CAST)
+
+
+@triton.jit
 def _rms_norm_kernel(X, R, W, OUT, RES_OUT, n, eps, stride_x, stride_r, stride_o, stride_ro,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EXACT_CAST: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -30,11 +40,8 @@ def _rms_norm_kernel(X, R, W, OUT, RES_OUT, n, eps, stride_x, stride_r, stride_o
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         x = cast_rne(x.to(tl.float32) + r.to(tl.float32), X.dtype.element_ty, EXACT_CAST)  # the add rounds to x's dtype
         tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / n + eps)
-    h = cast_rne(h * inv, X.dtype.element_ty, EXACT_CAST)  # normalised row rounded to x's dtype, then the weight
     w = tl.load(W + cols, mask=mask, other=0.0)
-    y = cast_rne(w.to(tl.float32) * h.to(tl.float32), OUT.dtype.element_ty, EXACT_CAST)
+    y = rms_scale_row(x, w, n, eps, X.dtype.element_ty, OUT.dtype.element_ty, EXACT_CAST)
     tl.store(OUT + row * stride_o + cols, y, mask=mask)
 
 
@@ -47,6 +54,13 @@ def _silu_and_mul_kernel(X, OUT, n, stride_x, stride_o, BLOCK: tl.constexpr, EXA
     u = tl.load(X + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
     s = cast_rne(tl.div_rn(g, 1.0 + tl.exp(-g)), X.dtype.element_ty, EXACT_CAST)  # silu rounds to x's dtype first
     tl.store(OUT + row * stride_o + cols, cast_rne(s.to(tl.float32) * u, OUT.dtype.element_ty, EXACT_CAST), mask=mask)
+
+
+def norm_num_warps(block: int) -> int:
+    """Warps of a row norm over ``block`` lanes. Kernels that normalise a row (rms_norm, the MLA
+    latent write) use the same count, and both compile without fp contraction, so their fp32 sums
+    of squares are bit for bit the same."""
+    return min(16, max(1, block // 256))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +83,8 @@ def _norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, o2, ro2, n, float(eps), x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, EXACT_CAST=interpreting(),
-        num_warps=min(16, max(1, block // 256)),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, EXACT_CAST=interpreting(), num_warps=norm_num_warps(block),
+        enable_fp_fusion=False,  # the sum of squares without fma, as the reference and the MLA latent write
     )  # fmt: skip
     return out, res_out
 
@@ -101,4 +115,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["fused_add_rms_norm", "rms_norm", "silu_and_mul"]
+__all__ = ["fused_add_rms_norm", "norm_num_warps", "rms_norm", "rms_scale_row", "silu_and_mul"]
