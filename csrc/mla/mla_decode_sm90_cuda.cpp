@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/cuda_launch.h"
@@ -44,6 +45,15 @@ int min_split_cost() {
   const int n = std::atoi(v);
   TORCH_CHECK(n >= 1 && n <= 64, kOp, ": TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in [1, 64], got '", v, "'");
   return n;
+}
+
+// Consumer schedule: TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep (default) | seesaw (pairs of tiles,
+// mla_decode_sm90_seesaw.cuh). Read on every call, so one benchmark process can compare both.
+int decode_schedule() {
+  const char* v = std::getenv("TOKENSPEED_MLA_DECODE_SCHEDULE");
+  if (v == nullptr || *v == '\0' || std::string(v) == "lockstep") return 0;
+  TORCH_CHECK(std::string(v) == "seesaw", kOp, ": TOKENSPEED_MLA_DECODE_SCHEDULE must be lockstep or seesaw, got '", v, "'");
+  return 1;
 }
 
 int log2_exact(int64_t v) {
@@ -136,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   const int64_t combine_blocks = batch * ((rows + 3) / 4);
   p.combine_dsplit = combine_blocks >= 2LL * sms ? 1 : 4;
   p.min_split = min_split_cost();
+  p.schedule = decode_schedule();
   check_cuda_launch(kOp, sm90::launch_mla_decode_sm90(p, kv_cache.data_ptr(), num_pages,
                                                       at::cuda::getCurrentCUDAStream()));
   return {out, lse};

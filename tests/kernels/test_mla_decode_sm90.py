@@ -24,6 +24,13 @@ DIM, DV = 576, 512
 SCALE = 192**-0.5  # DeepSeek-V3: qk_head_dim ** -0.5 (before the YaRN factor)
 
 
+@pytest.fixture(autouse=True, params=["lockstep", "seesaw"])
+def schedule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case under both consumer schedules (TOKENSPEED_MLA_DECODE_SCHEDULE, read per call)."""
+    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_SCHEDULE", request.param)
+    return request.param
+
+
 def _decode(q, paged, scale=SCALE, causal=True):
     return torch.ops.tokenspeed.mla_decode(q, paged.kv_cache, paged.block_table, paged.cache_seqlens, scale, causal, DV, None)
 
@@ -104,6 +111,13 @@ def test_rejects_a_bad_smallest_split_size(value: str, gen: torch.Generator, mon
     monkeypatch.setenv("TOKENSPEED_MLA_DECODE_MIN_SPLIT", value)
     q, paged = _case(gen, [100], 16, 1, 64)
     with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in \[1, 64\]"):
+        _decode(q, paged)
+
+
+def test_rejects_an_unknown_schedule(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_SCHEDULE", "pingpong")
+    q, paged = _case(gen, [100], 16, 1, 64)
+    with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_SCHEDULE must be lockstep or seesaw"):
         _decode(q, paged)
 
 

@@ -72,6 +72,7 @@ struct MlaDecodeSm90Params {
   int causal;                   // 1: query i sees keys < L - q_len + i + 1 (bottom-right)
   int combine_dsplit;           // combine kernel: 1 (a warp per row, 512 dims) or 4 (a block per row and 128 dims)
   int min_split;                // smallest plan range a slot is given (plan units, >= 1)
+  int schedule;                 // 0: both consumer warpgroups in lockstep per tile; 1: seesaw (pairs of tiles)
 };
 
 // ---- The plan: integer arithmetic shared by host, decode and combine kernels ----

@@ -219,6 +219,16 @@ __device__ __forceinline__ void store_row_f32(float* dst, const float (&o)[128],
   }
 }
 
+}  // namespace dev
+}  // namespace tokenspeed::mla_sm90
+
+// The seesaw schedule uses the helpers above (qk_off, pv_off_v, issue_pv, row_limit).
+#include "mla/decode/mla_decode_sm90_seesaw.cuh"
+
+namespace tokenspeed::mla_sm90 {
+namespace dev {
+
+template <int kSchedule>
 __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const SlotRange& sr,
                                              uint8_t* smem, uint32_t smem_base, int mb) {
   const int ctid = threadIdx.x - 128;  // 0 .. 255
@@ -258,132 +268,136 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
 
-    TS_MLA_PHASE(trace::kPhOther);
-    acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
-    TS_MLA_PHASE(trace::kPhAcquire);
-    if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTileFull);
-    issue_qk(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
-
-    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
-      const int stage = iter & 1;
-      const uint32_t stage_addr = smem_base + kStageOff + stage * kTileBytes;
-      uint8_t* stage_ptr = smem + kStageOff + stage * kTileBytes;
-      // In flight: PV(t-1) (if any), then QK(t). Groups retire in order.
+    if constexpr (kSchedule == 1) {
+      seesaw_segment(p, seg, smem, smem_base, mb, iter, o, m0, m1, l0, l1);
+    } else {
       TS_MLA_PHASE(trace::kPhOther);
-      TS_MLA_PHASE_TILE();
-      wgmma_wait<1>();
-      fence_regs(o);
-      if (t > seg.t0 && lane == 0) mbar_arrive(bar_empty0 + (stage ^ 1) * 8);  // tile t-1 consumed
-      TS_MLA_PHASE(trace::kPhWaitPv);
-      wgmma_wait<0>();
-      fence_regs(s);
-      TS_MLA_PHASE(trace::kPhWaitQk);
+      acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
+      TS_MLA_PHASE(trace::kPhAcquire);
+      if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTileFull);
+      issue_qk(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
 
-      // Scores to the log2 domain; masked keys become -inf before any exp.
-      const int key0 = t * kBlockN;
+      for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
+        const int stage = iter & 1;
+        const uint32_t stage_addr = smem_base + kStageOff + stage * kTileBytes;
+        uint8_t* stage_ptr = smem + kStageOff + stage * kTileBytes;
+        // In flight: PV(t-1) (if any), then QK(t). Groups retire in order.
+        TS_MLA_PHASE(trace::kPhOther);
+        TS_MLA_PHASE_TILE();
+        wgmma_wait<1>();
+        fence_regs(o);
+        if (t > seg.t0 && lane == 0) mbar_arrive(bar_empty0 + (stage ^ 1) * 8);  // tile t-1 consumed
+        TS_MLA_PHASE(trace::kPhWaitPv);
+        wgmma_wait<0>();
+        fence_regs(s);
+        TS_MLA_PHASE(trace::kPhWaitQk);
+
+        // Scores to the log2 domain; masked keys become -inf before any exp.
+        const int key0 = t * kBlockN;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) s[i] *= p.scale_log2;
-      if (key0 + kBlockN > mask_from) {
+        for (int i = 0; i < 16; ++i) s[i] *= p.scale_log2;
+        if (key0 + kBlockN > mask_from) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int key = key0 + 32 * w + 8 * j + 2 * quad + e;
+              s[4 * j + e] = key < lim0 ? s[4 * j + e] : ninf;
+              s[4 * j + 2 + e] = key < lim1 ? s[4 * j + 2 + e] : ninf;
+            }
+          }
+        }
+        float mx0 = ninf, mx1 = ninf;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float* mbuf = smax + (iter & 1) * 2 * kBlockM;
+        if (quad == 0) {
+          mbuf[w * kBlockM + row0] = mx0;
+          mbuf[w * kBlockM + row1] = mx1;
+        }
+        TS_MLA_PHASE(trace::kPhSoftmax1);
+        named_bar_sync(kBarMax, 256);  // also: both warpgroups' QK(t) are complete
+        TS_MLA_PHASE(trace::kPhBarMax);
+        mx0 = fmaxf(mx0, mbuf[(w ^ 1) * kBlockM + row0]);
+        mx1 = fmaxf(mx1, mbuf[(w ^ 1) * kBlockM + row1]);
+
+        // Conditional rescale: both warpgroups see the same maxima and make the same
+        // decision, so their P share one base per row.
+        const bool up0 = mx0 > m0 + kRescaleThreshold;  // false while mx0 = -inf
+        const bool up1 = mx1 > m1 + kRescaleThreshold;
+        float alpha0 = 1.f, alpha1 = 1.f;
+        if (up0) {
+          alpha0 = exp2_approx(m0 - mx0);  // m0 = -inf -> 0 (O and l are still 0)
+          m0 = mx0;
+        }
+        if (up1) {
+          alpha1 = exp2_approx(m1 - mx1);
+          m1 = mx1;
+        }
+        const float base0 = m0 == ninf ? 0.f : m0;  // a row with no key yet: exp2(-inf - 0) = 0
+        const float base1 = m1 == ninf ? 0.f : m1;
+        float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int key = key0 + 32 * w + 8 * j + 2 * quad + e;
-            s[4 * j + e] = key < lim0 ? s[4 * j + e] : ninf;
-            s[4 * j + 2 + e] = key < lim1 ? s[4 * j + 2 + e] : ninf;
+            s[4 * j + e] = exp2_approx(s[4 * j + e] - base0);
+            s[4 * j + 2 + e] = exp2_approx(s[4 * j + 2 + e] - base1);
+            sum0 += s[4 * j + e];
+            sum1 += s[4 * j + 2 + e];
           }
         }
-      }
-      float mx0 = ninf, mx1 = ninf;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      float* mbuf = smax + (iter & 1) * 2 * kBlockM;
-      if (quad == 0) {
-        mbuf[w * kBlockM + row0] = mx0;
-        mbuf[w * kBlockM + row1] = mx1;
-      }
-      TS_MLA_PHASE(trace::kPhSoftmax1);
-      named_bar_sync(kBarMax, 256);  // also: both warpgroups' QK(t) are complete
-      TS_MLA_PHASE(trace::kPhBarMax);
-      mx0 = fmaxf(mx0, mbuf[(w ^ 1) * kBlockM + row0]);
-      mx1 = fmaxf(mx1, mbuf[(w ^ 1) * kBlockM + row1]);
+        l0 = l0 * alpha0 + sum0;
+        l1 = l1 * alpha1 + sum1;
 
-      // Conditional rescale: both warpgroups see the same maxima and make the same
-      // decision, so their P share one base per row.
-      const bool up0 = mx0 > m0 + kRescaleThreshold;  // false while mx0 = -inf
-      const bool up1 = mx1 > m1 + kRescaleThreshold;
-      float alpha0 = 1.f, alpha1 = 1.f;
-      if (up0) {
-        alpha0 = exp2_approx(m0 - mx0);  // m0 = -inf -> 0 (O and l are still 0)
-        m0 = mx0;
-      }
-      if (up1) {
-        alpha1 = exp2_approx(m1 - mx1);
-        m1 = mx1;
-      }
-      const float base0 = m0 == ninf ? 0.f : m0;  // a row with no key yet: exp2(-inf - 0) = 0
-      const float base1 = m1 == ninf ? 0.f : m1;
-      float sum0 = 0.f, sum1 = 0.f;
+        // P (bf16) over the rope panel: row r at r * 128, key k in 16-byte chunk k / 8
+        // XOR (r % 8), the 128B swizzle wgmma expects for a K-major operand.
+        {
+          uint8_t* pp = stage_ptr + kRopePanel * kPanelBytes;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+          for (int j = 0; j < 4; ++j) {
+            const int chunk = 4 * w + j;
+            const int off0 = row0 * 128 + ((chunk ^ (row0 & 7)) << 4) + quad * 4;
+            const int off1 = off0 + 8 * 128;  // row1 = row0 + 8: same swizzle phase
+            *reinterpret_cast<__nv_bfloat162*>(pp + off0) = __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
+            *reinterpret_cast<__nv_bfloat162*>(pp + off1) = __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
+          }
+        }
+        // Rescale O only in warps where some row moved its base (PV(t-1) retired above).
+        if (__any_sync(0xffffffffu, up0 || up1)) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[4 * j + e] = exp2_approx(s[4 * j + e] - base0);
-          s[4 * j + 2 + e] = exp2_approx(s[4 * j + 2 + e] - base1);
-          sum0 += s[4 * j + e];
-          sum1 += s[4 * j + 2 + e];
+          for (int j = 0; j < 32; ++j) {
+            o[4 * j] *= alpha0;
+            o[4 * j + 1] *= alpha0;
+            o[4 * j + 2] *= alpha1;
+            o[4 * j + 3] *= alpha1;
+          }
+        }
+        fence_proxy_async();         // P stores -> read by wgmma
+        TS_MLA_PHASE(trace::kPhSoftmax2);
+        named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem
+        TS_MLA_PHASE(trace::kPhBarP);
+        issue_pv(o, stage_addr, w);
+
+        // Next tile's QK^T queues behind PV(t) on the tensor cores.
+        if (t + 1 < seg.t1) {
+          TS_MLA_PHASE(trace::kPhOther);
+          acquire_tile(smem, smem_base, iter + 1, seg.len - (t + 1) * kBlockN, w, wtid);
+          TS_MLA_PHASE(trace::kPhAcquire);
+          issue_qk(s, q_addr, smem_base + kStageOff + ((iter + 1) & 1) * kTileBytes, w);
         }
       }
-      l0 = l0 * alpha0 + sum0;
-      l1 = l1 * alpha1 + sum1;
-
-      // P (bf16) over the rope panel: row r at r * 128, key k in 16-byte chunk k / 8
-      // XOR (r % 8), the 128B swizzle wgmma expects for a K-major operand.
-      {
-        uint8_t* pp = stage_ptr + kRopePanel * kPanelBytes;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int chunk = 4 * w + j;
-          const int off0 = row0 * 128 + ((chunk ^ (row0 & 7)) << 4) + quad * 4;
-          const int off1 = off0 + 8 * 128;  // row1 = row0 + 8: same swizzle phase
-          *reinterpret_cast<__nv_bfloat162*>(pp + off0) = __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
-          *reinterpret_cast<__nv_bfloat162*>(pp + off1) = __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
-        }
-      }
-      // Rescale O only in warps where some row moved its base (PV(t-1) retired above).
-      if (__any_sync(0xffffffffu, up0 || up1)) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j] *= alpha0;
-          o[4 * j + 1] *= alpha0;
-          o[4 * j + 2] *= alpha1;
-          o[4 * j + 3] *= alpha1;
-        }
-      }
-      fence_proxy_async();         // P stores -> read by wgmma
-      TS_MLA_PHASE(trace::kPhSoftmax2);
-      named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem
-      TS_MLA_PHASE(trace::kPhBarP);
-      issue_pv(o, stage_addr, w);
-
-      // Next tile's QK^T queues behind PV(t) on the tensor cores.
-      if (t + 1 < seg.t1) {
-        TS_MLA_PHASE(trace::kPhOther);
-        acquire_tile(smem, smem_base, iter + 1, seg.len - (t + 1) * kBlockN, w, wtid);
-        TS_MLA_PHASE(trace::kPhAcquire);
-        issue_qk(s, q_addr, smem_base + kStageOff + ((iter + 1) & 1) * kTileBytes, w);
-      }
-    }
-    wgmma_wait<0>();
-    fence_regs(o);
-    if (lane == 0) mbar_arrive(bar_empty0 + ((iter - 1) & 1) * 8);
+      wgmma_wait<0>();
+      fence_regs(o);
+      if (lane == 0) mbar_arrive(bar_empty0 + ((iter - 1) & 1) * 8);
+    }  // lockstep schedule
     TS_MLA_TRACE_EVENT("decode", trace::kMainLoopDone);
 
     // Row sums: this thread's part -> quad -> both warpgroups.
@@ -433,6 +447,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 
 // grid = slots * m_blocks (blockIdx.x = slot * m_blocks + mb: the row blocks of one
 // key range run side by side and share the tiles in L2), 384 threads, kSmemBytes.
+template <int kSchedule>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_sm90_kernel(const __grid_constant__ CUtensorMap kv_map,
                            const __grid_constant__ MlaDecodeSm90Params p) {
@@ -483,6 +498,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       dev::mbar_init(bars + s * 8, 1);                                // full: producer's expect_tx
       dev::mbar_init(bars + (kStages + s) * 8, kConsumerWarps);       // empty: one per consumer warp
+      for (int half = 0; half < 2; ++half) {                          // seesaw: per stage half
+        dev::mbar_init(dev::half_bar(smem_base, 0, half, s), 1);
+        dev::mbar_init(dev::half_bar(smem_base, 1, half, s), kConsumerWarps / 2);
+      }
     }
     dev::fence_barrier_init();
     dev::prefetch_tensormap(&kv_map);
@@ -494,10 +513,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid < 128) {
     dev::setmaxnreg_dec<kProducerRegs>();
-    if (tid == 0) dev::run_producer(&kv_map, p, sr, smem_base);
+    if (tid == 0) {
+      if constexpr (kSchedule == 1) {
+        dev::run_producer_halves(&kv_map, p, sr, smem_base);
+      } else {
+        dev::run_producer(&kv_map, p, sr, smem_base);
+      }
+    }
   } else {
     dev::setmaxnreg_inc<kConsumerRegs>();
-    dev::run_consumer(p, sr, smem, smem_base, mb);
+    dev::run_consumer<kSchedule>(p, sr, smem, smem_base, mb);
   }
 }
 

@@ -26,7 +26,9 @@ constexpr int kMaxOff = kStageOff + kStages * kTileBytes;  // float [2][2][64]
 constexpr int kSumOff = kMaxOff + 2 * 2 * kBlockM * 4;     // float [2][64]
 constexpr int kBarOff = kSumOff + 2 * kBlockM * 4;         // uint64 full[2], empty[2]
 constexpr int kPlanOff = kBarOff + 2 * kStages * 8;        // int [32]
-constexpr int kSmemUsed = kPlanOff + 32 * 4;
+// The seesaw schedule's mbarriers: [full, empty][L half, R half][stage] (mla_decode_sm90_seesaw.cuh)
+constexpr int kHalfBarOff = kPlanOff + 32 * 4;
+constexpr int kSmemUsed = kHalfBarOff + 2 * 2 * kStages * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;               // slack to align the base to 1024
 static_assert(kSmemBytes <= 227 * 1024, "decode kernel exceeds the 227 KB shared memory limit");
 static_assert(kStageOff % 1024 == 0 && kTileBytes % 1024 == 0, "swizzle atoms need 1024 B alignment");
@@ -45,5 +47,7 @@ constexpr int kBarP = 2;      // both consumer WGs: P of this tile in smem
 constexpr int kBarSeg = 3;    // both consumer WGs: segment boundaries (Q reload)
 constexpr int kBarEpi = 4;    // both consumer WGs: row sums exchanged
 constexpr int kBarWg = 5;     // 5 + w: one consumer WG (tail rows zeroed)
+constexpr int kBarA = 7;      // seesaw: WG0 -> WG1, tile a's base and P are in smem
+constexpr int kBarB = 8;      // seesaw: WG1 -> WG0, tile b's base and P are in smem
 
 }  // namespace tokenspeed::mla_sm90
