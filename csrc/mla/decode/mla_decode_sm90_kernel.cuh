@@ -34,6 +34,7 @@
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_layout.cuh"
 #include "mla/decode/mla_decode_sm90_schedule.cuh"
+#include "mla/decode/mla_decode_sm90_softmax.cuh"
 #include "mla/decode/mla_decode_sm90_trace.cuh"
 #include "mla/decode/mla_decode_sm90_wgmma.cuh"
 
@@ -297,26 +298,10 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 #pragma unroll
         for (int i = 0; i < 16; ++i) s[i] *= p.scale_log2;
         if (key0 + kBlockN > mask_from) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int key = key0 + 32 * w + 8 * j + 2 * quad + e;
-              s[4 * j + e] = key < lim0 ? s[4 * j + e] : ninf;
-              s[4 * j + 2 + e] = key < lim1 ? s[4 * j + 2 + e] : ninf;
-            }
-          }
+          mask_keys<4>(s, key0 + 32 * w, lim0, lim1, quad);
         }
-        float mx0 = ninf, mx1 = ninf;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-          mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mx0, mx1;
+        row_max<4>(s, mx0, mx1);
         float* mbuf = smax + (iter & 1) * 2 * kBlockM;
         if (quad == 0) {
           mbuf[w * kBlockM + row0] = mx0;
@@ -343,43 +328,15 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
         }
         const float base0 = m0 == ninf ? 0.f : m0;  // a row with no key yet: exp2(-inf - 0) = 0
         const float base1 = m1 == ninf ? 0.f : m1;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            s[4 * j + e] = exp2_approx(s[4 * j + e] - base0);
-            s[4 * j + 2 + e] = exp2_approx(s[4 * j + 2 + e] - base1);
-            sum0 += s[4 * j + e];
-            sum1 += s[4 * j + 2 + e];
-          }
-        }
+        float sum0, sum1;
+        exp2_rows<4>(s, base0, base1, sum0, sum1);
         l0 = l0 * alpha0 + sum0;
         l1 = l1 * alpha1 + sum1;
 
-        // P (bf16) over the rope panel: row r at r * 128, key k in 16-byte chunk k / 8
-        // XOR (r % 8), the 128B swizzle wgmma expects for a K-major operand.
-        {
-          uint8_t* pp = stage_ptr + kRopePanel * kPanelBytes;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int chunk = 4 * w + j;
-            const int off0 = row0 * 128 + ((chunk ^ (row0 & 7)) << 4) + quad * 4;
-            const int off1 = off0 + 8 * 128;  // row1 = row0 + 8: same swizzle phase
-            *reinterpret_cast<__nv_bfloat162*>(pp + off0) = __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
-            *reinterpret_cast<__nv_bfloat162*>(pp + off1) = __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
-          }
-        }
+        // P (bf16) over the rope panel: this warpgroup's keys are chunks 4w .. 4w + 3.
+        store_p<4>(s, stage_ptr + kRopePanel * kPanelBytes, row0, quad, 4 * w);
         // Rescale O only in warps where some row moved its base (PV(t-1) retired above).
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-#pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[4 * j] *= alpha0;
-            o[4 * j + 1] *= alpha0;
-            o[4 * j + 2] *= alpha1;
-            o[4 * j + 3] *= alpha1;
-          }
-        }
+        if (__any_sync(0xffffffffu, up0 || up1)) scale_o(o, alpha0, alpha1);
         fence_proxy_async();         // P stores -> read by wgmma
         TS_MLA_PHASE(trace::kPhSoftmax2);
         named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem

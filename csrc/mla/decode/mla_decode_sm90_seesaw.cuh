@@ -29,6 +29,7 @@
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_layout.cuh"
 #include "mla/decode/mla_decode_sm90_schedule.cuh"
+#include "mla/decode/mla_decode_sm90_softmax.cuh"
 #include "mla/decode/mla_decode_sm90_wgmma.cuh"
 
 namespace tokenspeed::mla_sm90::dev {
@@ -107,76 +108,26 @@ __device__ __forceinline__ void seesaw_qk(float (&s)[32], uint32_t q_addr, uint3
   wgmma_commit();
 }
 
-// Scores to the log2 domain, keys a row may not see to -inf (select, before any exp),
-// and this thread's part of its two rows' maxima (over the quad: the whole row).
+// Scores to the log2 domain, keys a row may not see to -inf, the two rows' maxima.
 __device__ __forceinline__ void scores_max(float (&s)[32], float scale_log2, int key0, bool mask, int lim0,
                                            int lim1, int quad, float& mx0, float& mx1) {
-  const float ninf = neg_inf();
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[i] *= scale_log2;
-  if (mask) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key0 + 8 * j + 2 * quad + e;
-        s[4 * j + e] = key < lim0 ? s[4 * j + e] : ninf;
-        s[4 * j + 2 + e] = key < lim1 ? s[4 * j + 2 + e] : ninf;
-      }
-    }
-  }
-  mx0 = ninf;
-  mx1 = ninf;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-    mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-  }
-  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  if (mask) mask_keys<8>(s, key0, lim0, lim1, quad);
+  row_max<8>(s, mx0, mx1);
 }
 
 // The conditional rescale's new base: moves only when the max passes it by kRescaleThreshold.
 __device__ __forceinline__ float moved_base(float m, float mx) { return mx > m + kRescaleThreshold ? mx : m; }
 
 // P = exp2(S - base) (base 0 for a row with no key yet), this thread's row sums, and P
-// (bf16) over the tile's rope panel (128-byte swizzled, K-major: the wgmma A operand).
+// (bf16) over the tile's rope panel (the wgmma A operand of both warpgroups' PV).
 __device__ __forceinline__ void form_p(float (&s)[32], float m0, float m1, uint8_t* rope_panel, int row0, int quad,
                                        float& sum0, float& sum1) {
   const float ninf = neg_inf();
-  const float base0 = m0 == ninf ? 0.f : m0;
-  const float base1 = m1 == ninf ? 0.f : m1;
-  sum0 = 0.f;
-  sum1 = 0.f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      s[4 * j + e] = exp2_approx(s[4 * j + e] - base0);
-      s[4 * j + 2 + e] = exp2_approx(s[4 * j + 2 + e] - base1);
-      sum0 += s[4 * j + e];
-      sum1 += s[4 * j + 2 + e];
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {  // keys 8j + 2q, 8j + 2q + 1: 16-byte chunk j of rows row0, row0 + 8
-    const int off0 = row0 * 128 + ((j ^ (row0 & 7)) << 4) + quad * 4;
-    *reinterpret_cast<uint32_t*>(rope_panel + off0) = pack_bf16x2(s[4 * j], s[4 * j + 1]);
-    *reinterpret_cast<uint32_t*>(rope_panel + off0 + 8 * 128) = pack_bf16x2(s[4 * j + 2], s[4 * j + 3]);
-  }
+  exp2_rows<8>(s, m0 == ninf ? 0.f : m0, m1 == ninf ? 0.f : m1, sum0, sum1);
+  store_p<8>(s, rope_panel, row0, quad, 0);
   fence_proxy_async();  // P stores -> read by wgmma (both warpgroups)
-}
-
-__device__ __forceinline__ void scale_o(float (&o)[128], float a0, float a1) {
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    o[4 * j] *= a0;
-    o[4 * j + 1] *= a0;
-    o[4 * j + 2] *= a1;
-    o[4 * j + 3] *= a1;
-  }
 }
 
 // Value rows of keys >= valid in this warpgroup's four value panels to 0 (they hold another
