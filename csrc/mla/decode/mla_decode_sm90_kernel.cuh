@@ -52,9 +52,7 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
                                              uint32_t smem_base) {
   const int ps_log2 = p.page_size_log2;
   const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;  // a box never crosses a page
-  const int box_rows = 1 << box_log2;
-  const uint32_t box_bytes = static_cast<uint32_t>(box_rows) * 128u;
-  const int page_mask = (1 << ps_log2) - 1;
+  const uint32_t box_bytes = (1u << box_log2) * 128u;
   const uint32_t bar_full0 = smem_base + kBarOff;
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   SegIter it{sr.first_b, sr.first_start};
@@ -65,20 +63,8 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
     const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
     for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
       const int stage = iter & 1;
-      const int key0 = t * kBlockN;
-      const int valid = min(kBlockN, seg.len - key0);
-      // Only pages holding keys < len are looked up and loaded; rows of the stage
-      // past `valid` keep stale data, which the consumers mask (S) and zero (V).
-      const int boxes = (valid + box_rows - 1) >> box_log2;
-      int cache_row[4];
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        cache_row[x] = 0;
-        if (x < boxes) {
-          const int key = key0 + (x << box_log2);
-          cache_row[x] = (__ldg(table + (key >> ps_log2)) << ps_log2) + (key & page_mask);
-        }
-      }
+      const TileBoxes tb = tile_boxes(table, t * kBlockN, seg.len, ps_log2, box_log2);
+      const int boxes = tb.boxes;
       TS_MLA_PHASE(1);
       TS_MLA_PHASE_TILE();
       mbar_wait(bar_empty0 + stage * 8, ((iter >> 1) & 1) ^ 1);
@@ -91,7 +77,7 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
         if (x < boxes) {
 #pragma unroll
           for (int c = 0; c < kPanels; ++c) {
-            tma_load_2d(dst + c * kPanelBytes + x * box_bytes, kv_map, c * 64, cache_row[x], full);
+            tma_load_2d(dst + c * kPanelBytes + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
           }
         }
       }

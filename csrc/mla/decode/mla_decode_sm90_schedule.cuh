@@ -80,4 +80,27 @@ __device__ __forceinline__ bool next_segment(const MlaDecodeSm90Params& p, const
   return false;
 }
 
+// The TMA boxes of one 64-key tile: boxes of min(page, 64) keys (a box never crosses a page),
+// only as many as hold keys < len, each at its cache row through the block table. Pages past
+// the sequence are never looked up; rows of the stage past the last box keep stale data, which
+// the consumers mask (S) and zero (V).
+struct TileBoxes {
+  int boxes;
+  int cache_row[4];
+};
+__device__ __forceinline__ TileBoxes tile_boxes(const int32_t* table, int key0, int len, int ps_log2, int box_log2) {
+  TileBoxes tb;
+  const int box_rows = 1 << box_log2;
+  tb.boxes = (min(kBlockN, len - key0) + box_rows - 1) >> box_log2;
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    tb.cache_row[x] = 0;
+    if (x < tb.boxes) {
+      const int key = key0 + (x << box_log2);
+      tb.cache_row[x] = (__ldg(table + (key >> ps_log2)) << ps_log2) + (key & ((1 << ps_log2) - 1));
+    }
+  }
+  return tb;
+}
+
 }  // namespace tokenspeed::mla_sm90::dev

@@ -43,9 +43,7 @@ __device__ __forceinline__ void run_producer_halves(const CUtensorMap* kv_map, c
                                                     const SlotRange& sr, uint32_t smem_base) {
   const int ps_log2 = p.page_size_log2;
   const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;
-  const int box_rows = 1 << box_log2;
-  const uint32_t box_bytes = static_cast<uint32_t>(box_rows) * 128u;
-  const int page_mask = (1 << ps_log2) - 1;
+  const uint32_t box_bytes = (1u << box_log2) * 128u;
   SegIter it{sr.first_b, sr.first_start};
   Segment seg;
   uint32_t iter = 0;
@@ -53,17 +51,8 @@ __device__ __forceinline__ void run_producer_halves(const CUtensorMap* kv_map, c
     const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
     for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
       const int stage = iter & 1;
-      const int key0 = t * kBlockN;
-      const int boxes = (min(kBlockN, seg.len - key0) + box_rows - 1) >> box_log2;
-      int cache_row[4];
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        cache_row[x] = 0;
-        if (x < boxes) {
-          const int key = key0 + (x << box_log2);
-          cache_row[x] = (__ldg(table + (key >> ps_log2)) << ps_log2) + (key & page_mask);
-        }
-      }
+      const TileBoxes tb = tile_boxes(table, t * kBlockN, seg.len, ps_log2, box_log2);
+      const int boxes = tb.boxes;
       const uint32_t dst = smem_base + kStageOff + stage * kTileBytes;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -78,7 +67,7 @@ __device__ __forceinline__ void run_producer_halves(const CUtensorMap* kv_map, c
             for (int c = 0; c < 5; ++c) {
               if (c < panels) {
                 const int panel = 4 * half + c;
-                tma_load_2d(dst + panel * kPanelBytes + x * box_bytes, kv_map, panel * 64, cache_row[x], full);
+                tma_load_2d(dst + panel * kPanelBytes + x * box_bytes, kv_map, panel * 64, tb.cache_row[x], full);
               }
             }
           }
