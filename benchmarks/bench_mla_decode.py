@@ -52,7 +52,9 @@ QUICK = [(1, 16, 65536, 1), (4, 16, 81920, 4), (32, 16, 4096, 1), (128, 16, 4096
 KEY = [(1, 16, 65536, 1), (32, 16, 4096, 1)]  # memory-bound rows for short sweeps
 # what an engine's decode step sees: batch 1 at growing contexts (Moonlight: 16 heads per rank)
 ENGINE = [(1, 16, 1024, 1), (1, 16, 4096, 1), (1, 16, 16384, 1), (1, 16, 65536, 1), (4, 16, 4096, 1), (32, 16, 4096, 1)]
-SHAPE_SETS = {"all": SHAPES, "quick": QUICK, "key": KEY, "engine": ENGINE}
+# rows with two or more 64-row blocks per key range: the tensor cores and the per-SM TMA ingest bind
+COMPUTE = [(4, 32, 81920, 4), (128, 128, 4096, 1), (64, 128, 8192, 2)]
+SHAPE_SETS = {"all": SHAPES, "quick": QUICK, "key": KEY, "engine": ENGINE, "compute": COMPUTE}
 FP8_TARGET = 1.15  # issue 8: fp8 decode time within 1.15x of fp8 KV bytes / copy bandwidth
 
 

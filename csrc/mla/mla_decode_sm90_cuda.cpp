@@ -47,13 +47,14 @@ int min_split_cost() {
   return n;
 }
 
-// Consumer schedule: TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep (default) | seesaw (pairs of tiles,
-// mla_decode_sm90_seesaw.cuh). Read on every call, so one benchmark process can compare both.
+// Consumer schedule: TOKENSPEED_MLA_DECODE_SCHEDULE=seesaw (default: pairs of tiles,
+// mla_decode_sm90_seesaw.cuh; faster or equal in every measured shape) | lockstep. Read on every
+// call, so one benchmark process can compare both.
 int decode_schedule() {
   const char* v = std::getenv("TOKENSPEED_MLA_DECODE_SCHEDULE");
-  if (v == nullptr || *v == '\0' || std::string(v) == "lockstep") return 0;
-  TORCH_CHECK(std::string(v) == "seesaw", kOp, ": TOKENSPEED_MLA_DECODE_SCHEDULE must be lockstep or seesaw, got '", v, "'");
-  return 1;
+  if (v == nullptr || *v == '\0' || std::string(v) == "seesaw") return 1;
+  TORCH_CHECK(std::string(v) == "lockstep", kOp, ": TOKENSPEED_MLA_DECODE_SCHEDULE must be lockstep or seesaw, got '", v, "'");
+  return 0;
 }
 
 int log2_exact(int64_t v) {

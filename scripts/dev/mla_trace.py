@@ -10,6 +10,7 @@ event after the earliest decode entry, then the phase summary (median over CTAs)
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import subprocess
@@ -27,6 +28,9 @@ for _ in range(2):
 LINE = re.compile(r"mla_trace (\w+) cta (\d+) tid (\d+) ev (\d+) ns (\d+)")
 PHASE = re.compile(r"mla_phase cta (\d+) tid (\d+) tiles (\d+) c ([\d ]+)")
 BUCKETS = ("acquire", "wait PV", "wait QK", "softmax1", "bar max", "softmax2", "bar P", "other")
+# TOKENSPEED_MLA_DECODE_SCHEDULE=seesaw: per warpgroup, per tile pair (mla_decode_sm90_trace.cuh)
+SEESAW_WG0 = ("wait S_a", "softmax_a", "issue PV_aL", "wait PV_aL", "bar B", "PV_bL+QK_L", "wait PV_bL", "QK_R+rest")
+SEESAW_WG1 = ("wait S_b", "max_b", "bar A", "issue PV_aR", "softmax_b", "issue PV_bR", "wait PVs", "QK_b+rest")
 PRODUCER = ("wait empty", "issue")
 NAMES = {0: "entry", 1: "plan done", 2: "1st TMA issued", 3: "last TMA issued", 4: "1st tile full",
          5: "loop done", 6: "epilogue done", 7: "combine waited", 8: "combine done"}  # fmt: skip
@@ -68,14 +72,17 @@ def print_phases(out: str) -> None:
     the last call; each thread prints once per call, so keep the second half of the lines)."""
     rows = [(int(m[2]), int(m[3]), [int(x) for x in m[4].split()]) for m in PHASE.finditer(out)]
     rows = rows[len(rows) // 2 :]
-    for role, tids, names in (("consumer", (128, 256), BUCKETS), ("producer", (0,), PRODUCER)):
+    roles = [("consumer", (128, 256), BUCKETS), ("producer", (0,), PRODUCER)]
+    if os.environ.get("TOKENSPEED_MLA_DECODE_SCHEDULE") == "seesaw":
+        roles = [("WG0 per pair", (128,), SEESAW_WG0), ("WG1 per pair", (256,), SEESAW_WG1), roles[1]]
+    for role, tids, names in roles:
         per = [[c / max(n, 1) for c in cyc] for tid, n, cyc in rows if tid in tids]
         if not per:
             continue
         med = [statistics.median(col) for col in zip(*per, strict=True)]
         total = sum(med[: len(names)])
         parts = " | ".join(f"{name} {v:6.0f}" for name, v in zip(names, med[: len(names)], strict=True))
-        print(f"{role} cycles/tile (median of {len(per)}): {parts} | sum {total:6.0f}")
+        print(f"{role} cycles (median of {len(per)}): {parts} | sum {total:6.0f}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 // The Hopper (sm_90a) MLA decode kernel: warp-specialised TMA + wgmma, split-KV
 // planned on the device. Included by exactly one translation unit
 // (mla_decode_sm90_bf16.cu); the design and its reasoning are in csrc/mla/README.md.
-// The kernel is a template on the consumer schedule: 0 (lockstep, described here, the
-// default) or 1 (seesaw, opt-in: mla_decode_sm90_seesaw.cuh).
+// The kernel is a template on the consumer schedule: 0 (lockstep, described here, opt-in)
+// or 1 (seesaw, the default: mla_decode_sm90_seesaw.cuh).
 //
 // CTA = 3 warpgroups (384 threads), one CTA per SM (~219 KB of shared memory):
 //   WG0  producer: one thread walks the CTA's plan range and issues TMA loads of

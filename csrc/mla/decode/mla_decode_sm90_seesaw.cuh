@@ -89,10 +89,15 @@ __device__ __forceinline__ void seesaw_qk(float (&s)[32], uint32_t q_addr, uint3
                                           int stage, uint32_t phase) {
   const uint64_t dq = desc_k_sw128(q_addr);
   const uint64_t dk = desc_k_sw128(stage_addr);
+  // Two commit groups, each behind its own wait and fence: a barrier wait between the wgmma
+  // of one group is a divergent path in which ptxas inserts its own fence and serializes
+  // every wgmma of the kernel (C7520).
   mbar_wait(half_bar(smem_base, 0, 0, stage), phase);
   wgmma_fence();
   qk_tile_steps<0>(s, dq, dk, std::make_integer_sequence<int, 16>{});
+  wgmma_commit();
   mbar_wait(half_bar(smem_base, 0, 1, stage), phase);
+  wgmma_fence();
   qk_tile_steps<16>(s, dq, dk, std::make_integer_sequence<int, kHeadDim / 16 - 16>{});
   wgmma_commit();
 }
@@ -108,6 +113,22 @@ __device__ __forceinline__ void scores_max(float (&s)[32], float scale_log2, int
 
 // The conditional rescale's new base: moves only when the max passes it by kRescaleThreshold.
 __device__ __forceinline__ float moved_base(float m, float mx) { return mx > m + kRescaleThreshold ? mx : m; }
+
+// O and l from base m to base n (rows where n == m keep their values; m = -inf -> factor 0,
+// O and l are still 0 then). The 128-register multiply runs only in warps where a row moved.
+// No wgmma may be accumulating into O: a wgmma wait inside this data-dependent branch makes
+// ptxas serialize every wgmma of the kernel (C7518), so callers wait before, unconditionally.
+__device__ __forceinline__ void rebase(float (&o)[128], float& m0, float& m1, float& l0, float& l1, float n0,
+                                       float n1) {
+  if (__any_sync(0xffffffffu, n0 != m0 || n1 != m1)) {
+    const float c0 = n0 == m0 ? 1.f : exp2_approx(m0 - n0), c1 = n1 == m1 ? 1.f : exp2_approx(m1 - n1);
+    scale_o(o, c0, c1);
+    l0 *= c0;
+    l1 *= c1;
+  }
+  m0 = n0;
+  m1 = n1;
+}
 
 // P = exp2(S - base) (base 0 for a row with no key yet), this thread's row sums, and P
 // (bf16) over the tile's rope panel (the wgmma A operand of both warpgroups' PV).
@@ -146,8 +167,11 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
   const int lim1 = row_limit(p, seg.len, mb * kBlockM + row1);
   const int mask_from = seg.len - (p.causal ? p.q_len - 1 : 0);
   float s[32];
-  for (int t = seg.t0; t < seg.t1; t += 2) {
-    const bool has_b = t + 1 < seg.t1;
+  // One pair at tiles t, t + 1 (kHasB) or a lone a at t. has_b is a template parameter, not a
+  // run-time branch: wgmma waits under a data-dependent branch make ptxas serialize every wgmma
+  // of the kernel (C7518), so full pairs and the lone a of an odd segment are separate code.
+  auto pair = [&]<bool kHasB>(int t) {
+    constexpr bool has_b = kHasB;
     const int sa = iter & 1, sb = sa ^ 1;
     const uint32_t ph_a = (iter >> 1) & 1, ph_b = ((iter + 1) >> 1) & 1;
     const uint32_t addr_a = smem_base + kStageOff + sa * kTileBytes, addr_b = smem_base + kStageOff + sb * kTileBytes;
@@ -163,18 +187,15 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
       float mx0, mx1;
       scores_max(s, p.scale_log2, key_a, key_a + kBlockN > mask_from, lim0, lim1, quad, mx0, mx1);
       const float n0 = moved_base(m0, mx0), n1 = moved_base(m1, mx1);
-      const float a0 = n0 == m0 ? 1.f : exp2_approx(m0 - n0), a1 = n1 == m1 ? 1.f : exp2_approx(m1 - n1);
-      m0 = n0;
-      m1 = n1;
-      form_p(s, m0, m1, tile_a + kRopePanel * kPanelBytes, row0, quad, sum0, sum1);
+      form_p(s, n0, n1, tile_a + kRopePanel * kPanelBytes, row0, quad, sum0, sum1);
       if (quad == 0) {
-        sm[row0] = m0;
-        sm[row1] = m1;
+        sm[row0] = n0;
+        sm[row1] = n1;
       }
       named_bar_arrive(kBarA, 256);
-      l0 = l0 * a0 + sum0;
-      l1 = l1 * a1 + sum1;
-      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) scale_o(o, a0, a1);
+      rebase(o, m0, m1, l0, l1, n0, n1);
+      l0 += sum0;
+      l1 += sum1;
       zero_value_tail(tile_a, seg.len - key_a, 0, wtid);
       named_bar_sync(kBarWg, 128);  // all of P_a in smem before this warpgroup's wgmma reads it
       issue_pv(o, addr_a, 0);
@@ -183,17 +204,9 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
       wgmma_wait<0>();
       fence_regs(o);
       if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 0, sa));
-      if (has_b) {
+      if constexpr (has_b) {
         named_bar_sync(kBarB, 256);
-        const float b0 = sm[kBlockM + row0], b1 = sm[kBlockM + row1];
-        if (__any_sync(0xffffffffu, b0 != m0 || b1 != m1)) {
-          const float c0 = b0 == m0 ? 1.f : exp2_approx(m0 - b0), c1 = b1 == m1 ? 1.f : exp2_approx(m1 - b1);
-          scale_o(o, c0, c1);
-          l0 *= c0;
-          l1 *= c1;
-        }
-        m0 = b0;
-        m1 = b1;
+        rebase(o, m0, m1, l0, l1, sm[kBlockM + row0], sm[kBlockM + row1]);  // O_L to b's base (rare)
         mbar_wait(half_bar(smem_base, 0, 0, sb), ph_b);  // b's L half: landed (WG1 saw it), visible here
         zero_value_tail(tile_b, seg.len - key_b, 0, wtid);
         issue_pv(o, addr_b, 0);
@@ -203,7 +216,7 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
       }
     } else {
       float mx0 = neg_inf(), mx1 = neg_inf();
-      if (has_b) {
+      if constexpr (has_b) {
         seesaw_qk(s, q_addr, addr_b, smem_base, sb, ph_b);
         wgmma_wait<0>();  // also retires last pair's PVs
         fence_regs(s);
@@ -215,7 +228,7 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
       named_bar_sync(kBarA, 256);
       const float ma0 = sm[row0], ma1 = sm[row1];
       float nb0 = ma0, nb1 = ma1;
-      if (has_b) {
+      if constexpr (has_b) {
         nb0 = moved_base(ma0, mx0);
         nb1 = moved_base(ma1, mx1);
         form_p(s, nb0, nb1, tile_b + kRopePanel * kPanelBytes, row0, quad, sum0, sum1);
@@ -225,27 +238,14 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
         }
         named_bar_arrive(kBarB, 256);
       }
-      // O_R and l to base m_a for PV_aR (P_a has base m_a)
-      const float a0 = ma0 == m0 ? 1.f : exp2_approx(m0 - ma0), a1 = ma1 == m1 ? 1.f : exp2_approx(m1 - ma1);
-      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) scale_o(o, a0, a1);
-      l0 *= a0;
-      l1 *= a1;
-      m0 = ma0;
-      m1 = ma1;
+      rebase(o, m0, m1, l0, l1, ma0, ma1);  // O_R and l to a's base for PV_aR (P_a has it)
       mbar_wait(half_bar(smem_base, 0, 1, sa), ph_a);  // a's R half: landed (WG0 saw it), visible here
       zero_value_tail(tile_a, seg.len - key_a, 1, wtid);
       issue_pv(o, addr_a, 1);
-      if (has_b) {
-        if (__any_sync(0xffffffffu, nb0 != m0 || nb1 != m1)) {
-          const float c0 = nb0 == m0 ? 1.f : exp2_approx(m0 - nb0), c1 = nb1 == m1 ? 1.f : exp2_approx(m1 - nb1);
-          wgmma_wait<0>();
-          fence_regs(o);
-          scale_o(o, c0, c1);
-          l0 *= c0;
-          l1 *= c1;
-        }
-        m0 = nb0;
-        m1 = nb1;
+      if constexpr (has_b) {
+        wgmma_wait<0>();  // PV_aR, before O_R may move to b's base
+        fence_regs(o);
+        rebase(o, m0, m1, l0, l1, nb0, nb1);
         l0 += sum0;
         l1 += sum1;
         zero_value_tail(tile_b, seg.len - key_b, 1, wtid);
@@ -257,14 +257,17 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
       }
       fence_regs(o);
       if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 1, sa));
-      if (has_b) {
+      if constexpr (has_b) {
         wgmma_wait<0>();
         fence_regs(o);
         if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 1, sb));
       }
     }
     iter += has_b ? 2 : 1;  // the producer counts tiles: a lone a uses one stage
-  }
+  };
+  int t = seg.t0;
+  for (; t + 1 < seg.t1; t += 2) pair.template operator()<true>(t);
+  if (t < seg.t1) pair.template operator()<false>(t);
 }
 
 }  // namespace tokenspeed::mla_sm90::dev

@@ -9,6 +9,16 @@
 
 namespace tokenspeed::mla_sm90::trace {
 
+#if defined(TS_MLA_TRACE)
+struct PhaseClock {
+  unsigned long long acc[8];
+  unsigned long long t;
+  int tiles;
+};
+#else
+struct PhaseClock {};  // the non-trace build passes an empty one around
+#endif
+
 enum Event : int {
   kEntry = 0,          // kernel entry
   kPlanDone = 1,       // plan computed, barriers initialised (after __syncthreads)
@@ -34,34 +44,31 @@ enum Event : int {
     }                                                                                         \
   } while (0)
 // Cycle accounting of the consumer loop (same build flag): TS_MLA_PHASE(k) adds the SM
-// cycles since the previous mark to bucket k; TS_MLA_PHASE_PRINT prints one line per traced
-// consumer thread: `mla_phase cta <i> tid <t> tiles <n> <bucket cycles...>`.
+// cycles since the previous mark to bucket k of the PhaseClock ph_ in scope (declared by
+// TS_MLA_PHASE_DECL, passed by reference into helpers); TS_MLA_PHASE_PRINT prints one line
+// per traced thread: `mla_phase cta <i> tid <t> tiles <n> <bucket cycles...>`.
 #define TS_MLA_PHASE_DECL \
-  unsigned long long ph_acc_[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
-  unsigned long long ph_t_ = clock64();                      \
-  int ph_tiles_ = 0
+  ::tokenspeed::mla_sm90::trace::PhaseClock ph_ { {0, 0, 0, 0, 0, 0, 0, 0}, static_cast<unsigned long long>(clock64()), 0 }
 #define TS_MLA_PHASE(k)                          \
   do {                                           \
     const unsigned long long ph_n_ = clock64();  \
-    ph_acc_[k] += ph_n_ - ph_t_;                 \
-    ph_t_ = ph_n_;                               \
+    ph_.acc[k] += ph_n_ - ph_.t;                 \
+    ph_.t = ph_n_;                               \
   } while (0)
-#define TS_MLA_PHASE_TILE() (++ph_tiles_)
+#define TS_MLA_PHASE_TILE() (++ph_.tiles)
 #define TS_MLA_PHASE_PRINT()                                                                          \
   do {                                                                                                \
     if (blockIdx.x % 32 == 0 && (threadIdx.x == 128 || threadIdx.x == 256 || threadIdx.x == 0)) {     \
       printf("mla_phase cta %d tid %d tiles %d c %llu %llu %llu %llu %llu %llu %llu %llu\n",          \
-             static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x), ph_tiles_, ph_acc_[0],      \
-             ph_acc_[1], ph_acc_[2], ph_acc_[3], ph_acc_[4], ph_acc_[5], ph_acc_[6], ph_acc_[7]);     \
+             static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x), ph_.tiles, ph_.acc[0],      \
+             ph_.acc[1], ph_.acc[2], ph_.acc[3], ph_.acc[4], ph_.acc[5], ph_.acc[6], ph_.acc[7]);     \
     }                                                                                                 \
   } while (0)
 #else
 #define TS_MLA_TRACE_EVENT(kernel, ev) \
   do {                                 \
   } while (0)
-#define TS_MLA_PHASE_DECL \
-  do {                    \
-  } while (0)
+#define TS_MLA_PHASE_DECL [[maybe_unused]] ::tokenspeed::mla_sm90::trace::PhaseClock ph_
 #define TS_MLA_PHASE(k) \
   do {                  \
   } while (0)
@@ -85,4 +92,9 @@ enum Phase : int {
   kPhBarP = 6,     // the P barrier
   kPhOther = 7,    // issuing wgmma, Q loads, epilogue
 };
+// The seesaw schedule's buckets (per tile pair; tiles counts pairs). WG0 (tid 128):
+// 0 wait S_a, 1 softmax_a, 2 rebase / tail / P barrier / issue PV_aL, 3 wait PV_aL, 4 bar B,
+// 5 issue PV_bL + QK(next a, L: waits its panels), 6 wait PV_bL, 7 QK(next a, R) and the rest.
+// WG1 (tid 256): 0 wait S_b, 1 scale / mask / max, 2 bar A, 3 issue PV_aR (waits V_aR),
+// 4 softmax_b, 5 issue PV_bR, 6 wait PV_aR + PV_bR, 7 QK(next b: waits its panels) and the rest.
 }  // namespace tokenspeed::mla_sm90::trace
