@@ -29,8 +29,8 @@ LINE = re.compile(r"mla_trace (\w+) cta (\d+) tid (\d+) ev (\d+) ns (\d+)")
 PHASE = re.compile(r"mla_phase cta (\d+) tid (\d+) tiles (\d+) c ([\d ]+)")
 BUCKETS = ("acquire", "wait PV", "wait QK", "softmax1", "bar max", "softmax2", "bar P", "other")
 # TOKENSPEED_MLA_DECODE_SCHEDULE=seesaw: per warpgroup, per tile pair (mla_decode_sm90_trace.cuh)
-SEESAW_WG0 = ("wait S_a", "softmax_a", "issue PV_aL", "wait PV_aL", "bar B", "PV_bL+QK_L", "wait PV_bL", "QK_R+rest")
-SEESAW_WG1 = ("wait S_b", "max_b", "bar A", "issue PV_aR", "softmax_b", "issue PV_bR", "wait PVs", "QK_b+rest")
+SEESAW_WG0 = ("QK_a", "wait S_a", "softmax_a", "PV_aL", "wait PV_aL", "bar B", "PV_bL", "wait PV_bL+rest")
+SEESAW_WG1 = ("QK_b", "wait S_b", "max_b+bar A", "softmax_b", "PV_aR", "wait PV_aR", "PV_bR", "wait PV_bR+rest")
 PRODUCER = ("wait empty", "issue")
 NAMES = {0: "entry", 1: "plan done", 2: "1st TMA issued", 3: "last TMA issued", 4: "1st tile full",
          5: "loop done", 6: "epilogue done", 7: "combine waited", 8: "combine done"}  # fmt: skip
@@ -73,7 +73,7 @@ def print_phases(out: str) -> None:
     rows = [(int(m[2]), int(m[3]), [int(x) for x in m[4].split()]) for m in PHASE.finditer(out)]
     rows = rows[len(rows) // 2 :]
     roles = [("consumer", (128, 256), BUCKETS), ("producer", (0,), PRODUCER)]
-    if os.environ.get("TOKENSPEED_MLA_DECODE_SCHEDULE") == "seesaw":
+    if os.environ.get("TOKENSPEED_MLA_DECODE_SCHEDULE", "seesaw") == "seesaw":
         roles = [("WG0 per pair", (128,), SEESAW_WG0), ("WG1 per pair", (256,), SEESAW_WG1), roles[1]]
     for role, tids, names in roles:
         per = [[c / max(n, 1) for c in cyc] for tid, n, cyc in rows if tid in tids]

@@ -258,7 +258,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
 
     if constexpr (kSchedule == 1) {
-      seesaw_segment(p, seg, smem, smem_base, mb, iter, o, m0, m1, l0, l1);
+      seesaw_segment(p, seg, smem, smem_base, mb, iter, o, m0, m1, l0, l1, ph_);
     } else {
       TS_MLA_PHASE(trace::kPhOther);
       acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);

@@ -30,6 +30,7 @@
 #include "mla/decode/mla_decode_sm90_layout.cuh"
 #include "mla/decode/mla_decode_sm90_schedule.cuh"
 #include "mla/decode/mla_decode_sm90_softmax.cuh"
+#include "mla/decode/mla_decode_sm90_trace.cuh"
 #include "mla/decode/mla_decode_sm90_wgmma.cuh"
 
 namespace tokenspeed::mla_sm90::dev {
@@ -157,7 +158,8 @@ __device__ __forceinline__ void zero_value_tail(uint8_t* tile, int valid, int w,
 // One segment's main loop of the seesaw; o, m, l of this warpgroup come back for the epilogue.
 __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, const Segment& seg, uint8_t* smem,
                                                uint32_t smem_base, int mb, uint32_t& iter, float (&o)[128],
-                                               float& m0, float& m1, float& l0, float& l1) {
+                                               float& m0, float& m1, float& l0, float& l1,
+                                               [[maybe_unused]] trace::PhaseClock& ph_) {
   const int ctid = threadIdx.x - 128;
   const int w = ctid >> 7, wtid = ctid & 127, lane = ctid & 31, quad = lane & 3;
   const int row0 = ((wtid >> 5) << 4) + (lane >> 2), row1 = row0 + 8;
@@ -179,11 +181,15 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
     uint8_t* tile_b = smem + kStageOff + sb * kTileBytes;
     const int key_a = t * kBlockN, key_b = key_a + kBlockN;
     float sum0, sum1;
+    TS_MLA_PHASE_TILE();
     if (w == 0) {
+      TS_MLA_PHASE(7);
       seesaw_qk(s, q_addr, addr_a, smem_base, sa, ph_a);
+      TS_MLA_PHASE(0);
       wgmma_wait<0>();  // also retires last pair's PVs
       fence_regs(s);
       fence_regs(o);
+      TS_MLA_PHASE(1);
       float mx0, mx1;
       scores_max(s, p.scale_log2, key_a, key_a + kBlockN > mask_from, lim0, lim1, quad, mx0, mx1);
       const float n0 = moved_base(m0, mx0), n1 = moved_base(m1, mx1);
@@ -193,39 +199,48 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
         sm[row1] = n1;
       }
       named_bar_arrive(kBarA, 256);
+      TS_MLA_PHASE(2);
       rebase(o, m0, m1, l0, l1, n0, n1);
       l0 += sum0;
       l1 += sum1;
       zero_value_tail(tile_a, seg.len - key_a, 0, wtid);
       named_bar_sync(kBarWg, 128);  // all of P_a in smem before this warpgroup's wgmma reads it
       issue_pv(o, addr_a, 0);
+      TS_MLA_PHASE(3);
       // Release a's L half as soon as PV_aL retires (WG1 is forming P_b meanwhile), so the
       // producer starts the next pair's first tile early.
       wgmma_wait<0>();
       fence_regs(o);
+      TS_MLA_PHASE(4);
       if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 0, sa));
       if constexpr (has_b) {
         named_bar_sync(kBarB, 256);
+        TS_MLA_PHASE(5);
         rebase(o, m0, m1, l0, l1, sm[kBlockM + row0], sm[kBlockM + row1]);  // O_L to b's base (rare)
         mbar_wait(half_bar(smem_base, 0, 0, sb), ph_b);  // b's L half: landed (WG1 saw it), visible here
         zero_value_tail(tile_b, seg.len - key_b, 0, wtid);
         issue_pv(o, addr_b, 0);
+        TS_MLA_PHASE(6);
         wgmma_wait<0>();
         fence_regs(o);
         if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 0, sb));
       }
     } else {
       float mx0 = neg_inf(), mx1 = neg_inf();
+      TS_MLA_PHASE(7);
       if constexpr (has_b) {
         seesaw_qk(s, q_addr, addr_b, smem_base, sb, ph_b);
+        TS_MLA_PHASE(0);
         wgmma_wait<0>();  // also retires last pair's PVs
         fence_regs(s);
+        TS_MLA_PHASE(1);
         scores_max(s, p.scale_log2, key_b, key_b + kBlockN > mask_from, lim0, lim1, quad, mx0, mx1);
       } else {
         wgmma_wait<0>();
       }
       fence_regs(o);
       named_bar_sync(kBarA, 256);
+      TS_MLA_PHASE(2);
       const float ma0 = sm[row0], ma1 = sm[row1];
       float nb0 = ma0, nb1 = ma1;
       if constexpr (has_b) {
@@ -238,26 +253,26 @@ __device__ __forceinline__ void seesaw_segment(const MlaDecodeSm90Params& p, con
         }
         named_bar_arrive(kBarB, 256);
       }
+      TS_MLA_PHASE(3);
       rebase(o, m0, m1, l0, l1, ma0, ma1);  // O_R and l to a's base for PV_aR (P_a has it)
       mbar_wait(half_bar(smem_base, 0, 1, sa), ph_a);  // a's R half: landed (WG0 saw it), visible here
       zero_value_tail(tile_a, seg.len - key_a, 1, wtid);
       issue_pv(o, addr_a, 1);
+      TS_MLA_PHASE(4);
+      // PV_aR retires before O_R may move to b's base (a wait under the rare branch would be
+      // C7514), and a's R half is released right then.
+      wgmma_wait<0>();
+      fence_regs(o);
+      TS_MLA_PHASE(5);
+      if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 1, sa));
       if constexpr (has_b) {
-        wgmma_wait<0>();  // PV_aR, before O_R may move to b's base
-        fence_regs(o);
         rebase(o, m0, m1, l0, l1, nb0, nb1);
         l0 += sum0;
         l1 += sum1;
         zero_value_tail(tile_b, seg.len - key_b, 1, wtid);
         named_bar_sync(kBarWg + 1, 128);  // all of P_b in smem before this warpgroup's wgmma reads it
         issue_pv(o, addr_b, 1);
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
-      fence_regs(o);
-      if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 1, sa));
-      if constexpr (has_b) {
+        TS_MLA_PHASE(6);
         wgmma_wait<0>();
         fence_regs(o);
         if (lane == 0) mbar_arrive(half_bar(smem_base, 1, 1, sb));

@@ -93,8 +93,8 @@ enum Phase : int {
   kPhOther = 7,    // issuing wgmma, Q loads, epilogue
 };
 // The seesaw schedule's buckets (per tile pair; tiles counts pairs). WG0 (tid 128):
-// 0 wait S_a, 1 softmax_a, 2 rebase / tail / P barrier / issue PV_aL, 3 wait PV_aL, 4 bar B,
-// 5 issue PV_bL + QK(next a, L: waits its panels), 6 wait PV_bL, 7 QK(next a, R) and the rest.
-// WG1 (tid 256): 0 wait S_b, 1 scale / mask / max, 2 bar A, 3 issue PV_aR (waits V_aR),
-// 4 softmax_b, 5 issue PV_bR, 6 wait PV_aR + PV_bR, 7 QK(next b: waits its panels) and the rest.
+// 0 issue QK_a (waits for a to land), 1 wait S_a, 2 softmax_a, 3 rebase / tail / issue PV_aL,
+// 4 wait PV_aL, 5 bar B (WG1's softmax_b), 6 issue PV_bL, 7 wait PV_bL and the rest.
+// WG1 (tid 256): 0 issue QK_b (waits for b), 1 wait S_b, 2 scale / mask / max + bar A,
+// 3 softmax_b, 4 rebase / tail / issue PV_aR, 5 wait PV_aR, 6 issue PV_bR, 7 wait PV_bR, rest.
 }  // namespace tokenspeed::mla_sm90::trace
