@@ -123,6 +123,20 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
+// Rows row0 / row0 + 8 of an m64nN fp32 wgmma accumulator fragment (registers 4j, 4j + 1 hold
+// row0, 4j + 2, 4j + 3 row0 + 8) times a0 / a1: the online softmax's rescale of O.
+template <int N>
+__device__ __forceinline__ void scale_acc_rows(float (&o)[N], float a0, float a1) {
+  static_assert(N % 4 == 0, "an accumulator fragment holds groups of 4 registers");
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    o[4 * j] *= a0;
+    o[4 * j + 1] *= a0;
+    o[4 * j + 2] *= a1;
+    o[4 * j + 3] *= a1;
+  }
+}
+
 // Shared-memory matrix descriptors, 128-byte swizzle (the layout TMA's SWIZZLE_128B
 // writes), operands stored as panels of [rows][64 bf16] with 128-byte rows; panels
 // must be 1024-byte aligned (the swizzle XOR uses the absolute address).

@@ -324,7 +324,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
         // P (bf16) over the rope panel: this warpgroup's keys are chunks 4w .. 4w + 3.
         store_p<4>(s, stage_ptr + kRopePanel * kPanelBytes, row0, quad, 4 * w);
         // Rescale O only in warps where some row moved its base (PV(t-1) retired above).
-        if (__any_sync(0xffffffffu, up0 || up1)) scale_o(o, alpha0, alpha1);
+        if (__any_sync(0xffffffffu, up0 || up1)) scale_acc_rows(o, alpha0, alpha1);
         fence_proxy_async();         // P stores -> read by wgmma
         TS_MLA_PHASE(trace::kPhSoftmax2);
         named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem

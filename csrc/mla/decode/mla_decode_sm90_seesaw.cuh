@@ -123,7 +123,7 @@ __device__ __forceinline__ void rebase(float (&o)[128], float& m0, float& m1, fl
                                        float n1) {
   if (__any_sync(0xffffffffu, n0 != m0 || n1 != m1)) {
     const float c0 = n0 == m0 ? 1.f : exp2_approx(m0 - n0), c1 = n1 == m1 ? 1.f : exp2_approx(m1 - n1);
-    scale_o(o, c0, c1);
+    scale_acc_rows(o, c0, c1);
     l0 *= c0;
     l1 *= c1;
   }

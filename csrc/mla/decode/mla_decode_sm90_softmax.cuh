@@ -76,15 +76,4 @@ __device__ __forceinline__ void store_p(const float (&s)[4 * kGroups], uint8_t* 
   }
 }
 
-// O rows row0 / row0 + 8 times a0 / a1 (the conditional rescale).
-__device__ __forceinline__ void scale_o(float (&o)[128], float a0, float a1) {
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    o[4 * j] *= a0;
-    o[4 * j + 1] *= a0;
-    o[4 * j + 2] *= a1;
-    o[4 * j + 3] *= a1;
-  }
-}
-
 }  // namespace tokenspeed::mla_sm90::dev

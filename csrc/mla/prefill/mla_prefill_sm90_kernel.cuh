@@ -236,16 +236,6 @@ __device__ __forceinline__ void pack_p(uint32_t (&pr)[32], const float (&s)[64])
   for (int x = 0; x < 32; ++x) pr[x] = pack_bf16x2(s[2 * x], s[2 * x + 1]);
 }
 
-__device__ __forceinline__ void rescale_o(float (&o)[64], float alpha0, float alpha1) {
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    o[4 * j] *= alpha0;
-    o[4 * j + 1] *= alpha0;
-    o[4 * j + 2] *= alpha1;
-    o[4 * j + 3] *= alpha1;
-  }
-}
-
 // The last, partial key tile may reach past the sequence into rows that are another
 // sequence's tokens or unspecified memory (NaN, Inf): P = 0 there, but 0 * NaN = NaN,
 // so this warpgroup zeroes the V rows of keys >= valid before its P V. The other
@@ -387,7 +377,7 @@ __device__ __forceinline__ void run_consumer(const MlaPrefillSm90Params& p, uint
       fence_regs(o);
       fence_regs(pr);
       if (lane == 0) mbar_arrive(smem_base + L::kVEmpty + 8 * stage_v);
-      if (__any_sync(0xffffffffu, moved)) rescale_o(o, a0, a1);
+      if (__any_sync(0xffffffffu, moved)) scale_acc_rows(o, a0, a1);
       pack_p(pr, s);
       kv_iter = kv_next;
     }
