@@ -35,15 +35,26 @@ namespace sm90 = tokenspeed::mla_sm90;
 constexpr const char* kOp = "mla_decode";
 constexpr const char* kUseRegistry = kSm90UseRegistry;
 
-// Fewest plan units (64-key tiles) a split gets: fewer means more CTAs on a short
-// sequence (a batch-1 step at a 4K context uses ~1/8 of the SMs at the default 4) but more
-// partials to merge. TOKENSPEED_MLA_DECODE_MIN_SPLIT=1..64 overrides (benchmark sweeps).
-// Read on every call (a getenv), so one benchmark process can sweep it.
+// Fewest plan units (64-key tiles) a split gets: fewer means more CTAs on a short sequence
+// but more partials to merge (default kMinSplitCost = 1). TOKENSPEED_MLA_DECODE_MIN_SPLIT=1..64
+// overrides (benchmark sweeps). Read on every call (a getenv), so one benchmark process can sweep it.
 int min_split_cost() {
   const char* v = std::getenv("TOKENSPEED_MLA_DECODE_MIN_SPLIT");
   if (v == nullptr || *v == '\0') return sm90::kMinSplitCost;
   const int n = std::atoi(v);
   TORCH_CHECK(n >= 1 && n <= 64, kOp, ": TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in [1, 64], got '", v, "'");
+  return n;
+}
+
+// Per-slot capacities the plan tries, C0 .. C0 + window - 1 (mla_decode_sm90.h):
+// TOKENSPEED_MLA_DECODE_PLAN_WINDOW=1..8 (1: always the even split C0), default 8. Read on
+// every call, so one benchmark process can compare.
+int plan_window() {
+  const char* v = std::getenv("TOKENSPEED_MLA_DECODE_PLAN_WINDOW");
+  if (v == nullptr || *v == '\0') return sm90::kPlanWindow;
+  const int n = std::atoi(v);
+  TORCH_CHECK(n >= 1 && n <= sm90::kPlanWindow, kOp, ": TOKENSPEED_MLA_DECODE_PLAN_WINDOW must be in [1, ",
+              sm90::kPlanWindow, "], got '", v, "'");
   return n;
 }
 
@@ -133,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   p.lse = lse.data_ptr<float>();
   p.ws_out = workspace.data_ptr<float>();
   p.ws_lse = p.ws_out + sm90::workspace_out_floats(slots, rows);
+  p.ws_plan = reinterpret_cast<int*>(p.ws_lse + sm90::workspace_lse_floats(slots, rows));
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.batch = static_cast<int>(batch);
   p.q_len = static_cast<int>(q_len);
@@ -147,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   const int64_t combine_blocks = batch * ((rows + 3) / 4);
   p.combine_dsplit = combine_blocks >= 2LL * sms ? 1 : 4;
   p.min_split = min_split_cost();
+  p.plan_window = plan_window();
   p.schedule = decode_schedule();
   check_cuda_launch(kOp, sm90::launch_mla_decode_sm90(p, kv_cache.data_ptr(), num_pages,
                                                       at::cuda::getCurrentCUDAStream()));

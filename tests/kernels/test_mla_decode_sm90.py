@@ -114,6 +114,29 @@ def test_rejects_a_bad_smallest_split_size(value: str, gen: torch.Generator, mon
         _decode(q, paged)
 
 
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("heads,q_len", [(16, 1), (64, 1), (128, 2)])
+def test_a_batch_just_over_an_even_share(
+    window: int, heads: int, q_len: int, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As many equal sequences as slots less a few, each a little over the even share C0: the
+    even split (window 1) splits every one, a wider window gives each its own slot (no partials)."""
+    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_PLAN_WINDOW", str(window))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    slots = max(1, sms // math.ceil(heads * q_len / 64))
+    batch = max(1, slots - 4)
+    q, paged = _case(gen, [2048 - 5] * (batch - 1) + [1500], heads, q_len, 64)
+    _check(q, paged, what=f"window={window} batch={batch}")
+
+
+@pytest.mark.parametrize("value", ["0", "9", "x"])
+def test_rejects_a_bad_plan_window(value: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_PLAN_WINDOW", value)
+    q, paged = _case(gen, [100], 16, 1, 64)
+    with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_PLAN_WINDOW must be in \[1, 8\]"):
+        _decode(q, paged)
+
+
 def test_rejects_an_unknown_schedule(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENSPEED_MLA_DECODE_SCHEDULE", "pingpong")
     q, paged = _case(gen, [100], 16, 1, 64)

@@ -12,11 +12,15 @@
 //     n_b + kSegmentOverhead plan units (0 when n_b = 0);
 //   * the sequences' costs are laid end to end, P_b = sum of costs before b,
 //     T = total; plan position P_b + kSegmentOverhead + t is tile t of b;
-//   * slot s (of `slots` per 64-row block) owns positions [s * C, (s + 1) * C),
-//     C = max(ceil(T / slots), min_split) (min_split: kMinSplitCost unless overridden);
+//   * slot s (of `slots` per 64-row block) owns positions [s * C, (s + 1) * C);
+//     C is the cheapest (plan_cost) of C0 .. C0 + plan_window - 1,
+//     C0 = max(ceil(T / slots), min_split) (min_split: kMinSplitCost unless overridden):
+//     a slightly larger C can keep every sequence in one slot (128 sequences of 130 units
+//     on 132 slots: C0 = 127 splits all of them, C = 130 none), which saves the partials;
 //   * a sequence whose tiles all fall in one slot is written straight to out/lse;
 //     otherwise each slot writes a normalised fp32 partial (out, lse) at partial
-//     index partial_index(s, P_b, C) and the combine kernel merges them.
+//     index partial_index(s, P_b, C) and the combine kernel merges them. The decode
+//     kernel stores C in ws_plan[0] for the combine kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,6 +49,16 @@ constexpr int kSegmentOverhead = 2;  // plan units charged per sequence (Q load,
 // --min-split-sweep, 2026-11-23): 1K keys 10.2 / 11.9 / 16.0 us at 1 / 2 / 4, 4K 11.9 / 13.6 /
 // 16.4, 16K 20.5 / 20.3 / 20.2, 64K and batch 32 x 4K unchanged (the plan already gives > 4).
 constexpr int kMinSplitCost = 1;
+// Per-slot capacities the plan tries (C0 .. C0 + kPlanWindow - 1) and their cost model, in
+// plan units (one unit ~ one 64-key tile of one CTA):
+//   cost(C) = C + (any split ? kCombineUnits : 0) + pieces * rows' / (kPartialRowsPerUnit * slots)
+// pieces: the pieces of all split sequences; rows' = min(rows, 64). A piece's fp32 partial is
+// written once and read once by the combine: rows' x 512 x 4 B x 2 = rows' x 4 KB, and a
+// 64 x 576 bf16 tile is 72 KB, so 18 rows of a piece cost one tile's traffic, spread over the
+// slots; kCombineUnits stands for the combine kernel's tail when it has work.
+constexpr int kPlanWindow = 8;
+constexpr float kPartialRowsPerUnit = 18.f;
+constexpr float kCombineUnits = 1.f;
 constexpr int kThreads = 384;        // producer warpgroup + two consumer warpgroups
 
 // Everything the decode and combine kernels read. Pointers are device pointers.
@@ -60,6 +74,7 @@ struct MlaDecodeSm90Params {
   float* lse;                   // fp32 [batch, q_len, heads] contiguous, natural log
   float* ws_out;                // fp32 [2 * slots, rows, 512]: normalised partial outputs
   float* ws_lse;                // fp32 [2 * slots, rows]: partial lse (natural log)
+  int* ws_plan;                 // [1]: the per-slot plan units C the decode kernel chose (read by the combine)
   float scale_log2;             // softmax_scale * log2(e): scores go to the exp2 domain
   int batch;                    // sequences
   int q_len;                    // new tokens per sequence (1 .. kMaxQLen)
@@ -72,6 +87,7 @@ struct MlaDecodeSm90Params {
   int causal;                   // 1: query i sees keys < L - q_len + i + 1 (bottom-right)
   int combine_dsplit;           // combine kernel: 1 (a warp per row, 512 dims) or 4 (a block per row and 128 dims)
   int min_split;                // smallest plan range a slot is given (plan units, >= 1)
+  int plan_window;              // per-slot capacities tried, C0 .. C0 + plan_window - 1 (1 .. kPlanWindow)
   int schedule;                 // 0: both consumer warpgroups in lockstep per tile; 1: seesaw (pairs of tiles)
 };
 
@@ -99,6 +115,21 @@ TS_MLA_HD int cost_per_slot(int total, int slots, int min_split) {
   return c < min_split ? min_split : c;
 }
 
+// Pieces of a sequence (plan start `start`, `tiles` > 0) when split at `per_slot` units per
+// slot; 0 when its tiles all fall in one slot.
+TS_MLA_HD int split_pieces(int start, int tiles, int per_slot) {
+  const int first = start + kSegmentOverhead;  // plan position of tile 0
+  const int n = (first + tiles - 1) / per_slot - first / per_slot + 1;
+  return n > 1 ? n : 0;
+}
+
+// The plan's cost model (see kPlanWindow) for per-slot capacity c with `pieces` split pieces.
+TS_MLA_HD float plan_cost(int c, int pieces, int rows, int slots) {
+  const int r = rows < kBlockM ? rows : kBlockM;
+  return static_cast<float>(c) + (pieces > 0 ? kCombineUnits : 0.f) +
+         static_cast<float>(pieces) * static_cast<float>(r) / (kPartialRowsPerUnit * static_cast<float>(slots));
+}
+
 // Where slot `slot` stores its partial of the sequence whose plan range starts at
 // seq_start: each slot has at most one split sequence starting at or before its first
 // position (index 2 * slot) and at most one starting after it (index 2 * slot + 1).
@@ -106,12 +137,13 @@ TS_MLA_HD int partial_index(int slot, int seq_start, int per_slot) {
   return 2 * slot + (seq_start <= slot * per_slot ? 0 : 1);
 }
 
-// Workspace floats: partial outputs then partial lse.
+// Workspace floats: partial outputs, partial lse, then one int (ws_plan).
 TS_MLA_HD int64_t workspace_out_floats(int slots, int rows) {
   return 2LL * slots * rows * kHeadDimV;
 }
+TS_MLA_HD int64_t workspace_lse_floats(int slots, int rows) { return 2LL * slots * rows; }
 TS_MLA_HD int64_t workspace_floats(int slots, int rows) {
-  return workspace_out_floats(slots, rows) + 2LL * slots * rows;
+  return workspace_out_floats(slots, rows) + workspace_lse_floats(slots, rows) + 1;
 }
 
 // Dynamic shared memory of the decode kernel (bytes), for the launcher's checks.

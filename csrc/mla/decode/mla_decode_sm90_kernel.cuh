@@ -420,7 +420,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   int total;
   dev::block_inclusive_scan(mine, scratch, total);
-  sr.per_slot = cost_per_slot(total, p.slots, p.min_split);
+  sr.per_slot = dev::choose_per_slot(p, sr.capacity, cost_per_slot(total, p.slots, p.min_split), scratch);
+  if (blockIdx.x == 0 && tid == 0) *p.ws_plan = sr.per_slot;  // for the combine kernel
   sr.x0 = slot * sr.per_slot;
   if (sr.x0 >= total) return;  // nothing for this slot (uniform across the CTA)
   sr.x1 = min(sr.x0 + sr.per_slot, total);

@@ -25,9 +25,11 @@ constexpr int kStageOff = kQOff + kTileBytes;
 constexpr int kMaxOff = kStageOff + kStages * kTileBytes;  // float [2][2][64]
 constexpr int kSumOff = kMaxOff + 2 * 2 * kBlockM * 4;     // float [2][64]
 constexpr int kBarOff = kSumOff + 2 * kBlockM * 4;         // uint64 full[2], empty[2]
-constexpr int kPlanOff = kBarOff + 2 * kStages * 8;        // int [32]
+// int [128]: [0, 12) block scan, [16, 18) the first sequence, [32, 128) the plan candidates' sums
+constexpr int kPlanOff = kBarOff + 2 * kStages * 8;
+constexpr int kPlanInts = 128;
 // The seesaw schedule's mbarriers: [full, empty][L half, R half][stage] (mla_decode_sm90_seesaw.cuh)
-constexpr int kHalfBarOff = kPlanOff + 32 * 4;
+constexpr int kHalfBarOff = kPlanOff + kPlanInts * 4;
 constexpr int kSmemUsed = kHalfBarOff + 2 * 2 * kStages * 8;
 constexpr int kSmemBytes = kSmemUsed + 1024;               // slack to align the base to 1024
 static_assert(kSmemBytes <= 227 * 1024, "decode kernel exceeds the 227 KB shared memory limit");

@@ -1,8 +1,8 @@
 // Combine kernel of the sm90 MLA decode: merges the partial results of sequences
 // whose keys were split over several CTAs, by their LSE, and writes the rows of empty
-// sequences (out 0, lse -inf). It recomputes the device-side plan of
-// mla_decode_sm90.h from cache_seqlens, so which sequences were split is known
-// without any host round trip. Light: no wgmma / TMA.
+// sequences (out 0, lse -inf). It recomputes the sequences' plan starts of mla_decode_sm90.h
+// from cache_seqlens and reads the per-slot capacity the decode kernel chose (ws_plan), so
+// which sequences were split is known without any host round trip. Light: no wgmma / TMA.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -14,45 +14,33 @@
 namespace tokenspeed::mla_sm90 {
 namespace {
 
-// Where sequence b's plan range starts (P_b) and the plan's total T, as the decode kernel
-// computes them; kThreadsPerBlock threads of the block cooperate.
+// Where sequence b's plan range starts (P_b), as the decode kernel computes it;
+// kThreadsPerBlock threads of the block cooperate.
 template <int kThreadsPerBlock>
-__device__ __forceinline__ void plan_position(const MlaDecodeSm90Params& p, int b, int capacity,
-                                              int& start, int& total) {
+__device__ __forceinline__ int plan_start(const MlaDecodeSm90Params& p, int b, int capacity) {
   constexpr int kWarps = kThreadsPerBlock / 32;
-  __shared__ int red[2][kWarps];
-  int before = 0, all = 0;
-  for (int x = threadIdx.x; x < p.batch; x += kThreadsPerBlock) {
-    const int c = seq_cost(seq_tiles(clamp_len(__ldg(p.seqlens + x), capacity)));
-    all += c;
-    before += x < b ? c : 0;
+  __shared__ int red[kWarps];
+  int before = 0;
+  for (int x = threadIdx.x; x < b; x += kThreadsPerBlock) {
+    before += seq_cost(seq_tiles(clamp_len(__ldg(p.seqlens + x), capacity)));
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    all += __shfl_xor_sync(0xffffffffu, all, o);
-    before += __shfl_xor_sync(0xffffffffu, before, o);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    red[0][threadIdx.x >> 5] = before;
-    red[1][threadIdx.x >> 5] = all;
-  }
+  for (int o = 16; o > 0; o >>= 1) before += __shfl_xor_sync(0xffffffffu, before, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = before;
   __syncthreads();
-  start = 0;
-  total = 0;
+  int start = 0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    start += red[0][w];
-    total += red[1][w];
-  }
+  for (int w = 0; w < kWarps; ++w) start += red[w];
+  return start;
 }
 
-// The slots [s_lo, s_hi] that hold sequence b's tiles (tiles > 0).
+// The slots [s_lo, s_hi] that hold sequence b's tiles (tiles > 0). The per-slot capacity is
+// the one the decode kernel chose (ws_plan): read only after griddepcontrol.wait.
 struct SplitRange {
   int s_lo, s_hi, start, per_slot;
 };
-__device__ __forceinline__ SplitRange split_range(const MlaDecodeSm90Params& p, int start, int total,
-                                                  int tiles) {
-  const int per_slot = cost_per_slot(total, p.slots, p.min_split);
+__device__ __forceinline__ SplitRange split_range(const MlaDecodeSm90Params& p, int start, int tiles) {
+  const int per_slot = *p.ws_plan;
   const int first = start + kSegmentOverhead;  // plan position of tile 0
   return {first / per_slot, (first + tiles - 1) / per_slot, start, per_slot};
 }
@@ -94,10 +82,9 @@ __global__ void __launch_bounds__(kRowsThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int r = (blockIdx.x - b * row_groups) * 4 + warp;
   const int capacity = p.max_pages << p.page_size_log2;
-  int start, total;
-  plan_position<kRowsThreads>(p, b, capacity, start, total);
-  // The plan above only read cache_seqlens; the partials are the decode kernel's output.
-  // Launched with programmatic serialization, this waits for that grid to finish.
+  const int start = plan_start<kRowsThreads>(p, b, capacity);
+  // The plan above only read cache_seqlens; the partials and C (ws_plan) are the decode
+  // kernel's output. Launched with programmatic serialization, this waits for that grid to finish.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   TS_MLA_TRACE_EVENT("combine_rows", trace::kCombineWaited);
   if (r >= p.rows) return;
@@ -108,7 +95,7 @@ __global__ void __launch_bounds__(kRowsThreads)
     write_empty_row(p, row, d0, 4, lane == 0);
     return;
   }
-  const SplitRange sp = split_range(p, start, total, tiles);
+  const SplitRange sp = split_range(p, start, tiles);
   if (sp.s_lo == sp.s_hi) return;  // one CTA had it all and wrote out / lse itself
 
   const float ninf = __int_as_float(0xff800000);
@@ -169,8 +156,7 @@ __global__ void __launch_bounds__(kSplitsThreads)
   const int r = blockIdx.x - b * p.rows;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int capacity = p.max_pages << p.page_size_log2;
-  int start, total;
-  plan_position<kSplitsThreads>(p, b, capacity, start, total);
+  const int start = plan_start<kSplitsThreads>(p, b, capacity);
   asm volatile("griddepcontrol.wait;" ::: "memory");  // see the rows kernel
   TS_MLA_TRACE_EVENT("combine_splits", trace::kCombineWaited);
   const int tiles = seq_tiles(clamp_len(__ldg(p.seqlens + b), capacity));
@@ -180,7 +166,7 @@ __global__ void __launch_bounds__(kSplitsThreads)
     if (warp == 0) write_empty_row(p, row, d0, 1, blockIdx.y == 0 && lane == 0);
     return;
   }
-  const SplitRange sp = split_range(p, start, total, tiles);
+  const SplitRange sp = split_range(p, start, tiles);
   if (sp.s_lo == sp.s_hi) return;
   const int n = sp.s_hi - sp.s_lo + 1;
 

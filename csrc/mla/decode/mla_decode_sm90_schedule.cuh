@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "mla/decode/mla_decode_sm90.h"
+#include "mla/decode/mla_decode_sm90_layout.cuh"
 
 namespace tokenspeed::mla_sm90::dev {
 
@@ -32,6 +33,60 @@ __device__ __forceinline__ int block_inclusive_scan(int v, int* scratch, int& to
   __syncthreads();  // scratch may be rewritten by the next call
   total = all;
   return v + before;
+}
+
+// Sums of v[0 .. kN) over the CTA, for every thread; scratch[32 + warp * kN + j] is used.
+template <int kN>
+__device__ __forceinline__ void block_sums(int (&v)[kN], int* scratch) {
+  static_assert(32 + (kThreads / 32) * kN <= kPlanInts, "plan scratch too small");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[j] += __shfl_xor_sync(0xffffffffu, v[j], o);
+    if (lane == 0) scratch[32 + warp * kN + j] = v[j];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    v[j] = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) v[j] += scratch[32 + w * kN + j];
+  }
+  __syncthreads();  // scratch may be rewritten
+}
+
+// The per-slot capacity C of the plan (mla_decode_sm90.h): the cheapest by plan_cost of
+// c0 .. c0 + plan_window - 1, the smaller on ties. Every CTA computes the same value.
+__device__ __forceinline__ int choose_per_slot(const MlaDecodeSm90Params& p, int capacity, int c0, int* scratch) {
+  int pieces[kPlanWindow] = {};
+  int running = 0;
+  for (int base = 0; base < p.batch; base += kThreads) {
+    const int b = base + static_cast<int>(threadIdx.x);
+    const int tiles = b < p.batch ? seq_tiles(clamp_len(__ldg(p.seqlens + b), capacity)) : 0;
+    const int c = seq_cost(tiles);
+    int chunk_total;
+    const int start = running + block_inclusive_scan(c, scratch, chunk_total) - c;
+    if (tiles > 0) {
+#pragma unroll
+      for (int j = 0; j < kPlanWindow; ++j) {
+        if (j < p.plan_window) pieces[j] += split_pieces(start, tiles, c0 + j);
+      }
+    }
+    running += chunk_total;
+  }
+  block_sums(pieces, scratch);
+  int best = c0;
+  float best_cost = plan_cost(c0, pieces[0], p.rows, p.slots);
+#pragma unroll
+  for (int j = 1; j < kPlanWindow; ++j) {
+    const float cost = plan_cost(c0 + j, pieces[j], p.rows, p.slots);
+    if (j < p.plan_window && cost < best_cost) {
+      best = c0 + j;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 // This CTA's share of the plan (see mla_decode_sm90.h).
