@@ -106,14 +106,6 @@ def test_every_smallest_split_size(min_split: int, gen: torch.Generator, monkeyp
     _check(q, paged, what=f"min_split={min_split}")
 
 
-@pytest.mark.parametrize("value", ["0", "65", "x"])
-def test_rejects_a_bad_smallest_split_size(value: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_MIN_SPLIT", value)
-    q, paged = _case(gen, [100], 16, 1, 64)
-    with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in \[1, 64\]"):
-        _decode(q, paged)
-
-
 @pytest.mark.parametrize("window", [1, 3, 8])
 @pytest.mark.parametrize("heads,q_len", [(16, 1), (64, 1), (128, 2)])
 def test_a_batch_just_over_an_even_share(
@@ -129,18 +121,24 @@ def test_a_batch_just_over_an_even_share(
     _check(q, paged, what=f"window={window} batch={batch}")
 
 
-@pytest.mark.parametrize("value", ["0", "9", "x"])
-def test_rejects_a_bad_plan_window(value: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_PLAN_WINDOW", value)
-    q, paged = _case(gen, [100], 16, 1, 64)
-    with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_PLAN_WINDOW must be in \[1, 8\]"):
-        _decode(q, paged)
+BAD_SETTINGS = (
+    [("TOKENSPEED_MLA_DECODE_MIN_SPLIT", v, r"TOKENSPEED_MLA_DECODE_MIN_SPLIT must be in \[1, 64\]") for v in ("0", "65", "x")]
+    + [
+        ("TOKENSPEED_MLA_DECODE_PLAN_WINDOW", v, r"TOKENSPEED_MLA_DECODE_PLAN_WINDOW must be in \[1, 8\]")
+        for v in ("0", "9", "x")
+    ]
+    + [("TOKENSPEED_MLA_DECODE_SCHEDULE", "pingpong", r"TOKENSPEED_MLA_DECODE_SCHEDULE must be lockstep or seesaw")]
+)
 
 
-def test_rejects_an_unknown_schedule(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKENSPEED_MLA_DECODE_SCHEDULE", "pingpong")
+@pytest.mark.parametrize("name,value,pattern", BAD_SETTINGS)
+def test_rejects_a_bad_setting(
+    name: str, value: str, pattern: str, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each decode knob (read per call) names itself and its range when its value is wrong."""
+    monkeypatch.setenv(name, value)
     q, paged = _case(gen, [100], 16, 1, 64)
-    with pytest.raises(RuntimeError, match=r"TOKENSPEED_MLA_DECODE_SCHEDULE must be lockstep or seesaw"):
+    with pytest.raises(RuntimeError, match=pattern):
         _decode(q, paged)
 
 
