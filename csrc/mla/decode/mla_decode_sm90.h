@@ -115,12 +115,20 @@ TS_MLA_HD int cost_per_slot(int total, int slots, int min_split) {
   return c < min_split ? min_split : c;
 }
 
-// Pieces of a sequence (plan start `start`, `tiles` > 0) when split at `per_slot` units per
-// slot; 0 when its tiles all fall in one slot.
-TS_MLA_HD int split_pieces(int start, int tiles, int per_slot) {
+// The slots holding the first and the last tile of a sequence (plan start `start`, `tiles` > 0)
+// at `per_slot` units per slot.
+struct SlotSpan {
+  int lo, hi;
+};
+TS_MLA_HD SlotSpan slot_span(int start, int tiles, int per_slot) {
   const int first = start + kSegmentOverhead;  // plan position of tile 0
-  const int n = (first + tiles - 1) / per_slot - first / per_slot + 1;
-  return n > 1 ? n : 0;
+  return {first / per_slot, (first + tiles - 1) / per_slot};
+}
+
+// Pieces of such a sequence when split at `per_slot`; 0 when its tiles all fall in one slot.
+TS_MLA_HD int split_pieces(int start, int tiles, int per_slot) {
+  const SlotSpan s = slot_span(start, tiles, per_slot);
+  return s.hi > s.lo ? s.hi - s.lo + 1 : 0;
 }
 
 // The plan's cost model (see kPlanWindow) for per-slot capacity c with `pieces` split pieces.

@@ -41,8 +41,8 @@ struct SplitRange {
 };
 __device__ __forceinline__ SplitRange split_range(const MlaDecodeSm90Params& p, int start, int tiles) {
   const int per_slot = *p.ws_plan;
-  const int first = start + kSegmentOverhead;  // plan position of tile 0
-  return {first / per_slot, (first + tiles - 1) / per_slot, start, per_slot};
+  const SlotSpan s = slot_span(start, tiles, per_slot);
+  return {s.lo, s.hi, start, per_slot};
 }
 
 __device__ __forceinline__ void write_empty_row(const MlaDecodeSm90Params& p, int64_t row, int d0,
