@@ -326,10 +326,10 @@ def main() -> None:
         roof_x = f"{r['x_kv_roof']:.2f}" + ("" if r["memory_bound"] else " (compute-bound)")
         print(f"{r['B']} | {r['H']} | {r['S']} | {r['q_len']} | {r['backend']} | {r['us']:.1f} | {r['tflops']:.0f} | "
               f"{r['gbps']:.0f} | {r['pct_copy_bw']:.1f}% | {roof_x} | {x} | {xb} | {r['rel_err']:.1e}")  # fmt: skip
-    if fp8:
-        judged = [r for r in rows_out if r["kv"] == "fp8" and r["memory_bound"] and r["backend"] == "triton"]
+    for name in backends if fp8 else []:
+        judged = [r for r in rows_out if r["kv"] == "fp8" and r["memory_bound"] and r["backend"] == name]
         ok = [r for r in judged if r["x_kv_roof"] <= FP8_TARGET]
-        print(f"fp8 target (time <= {FP8_TARGET}x of fp8 KV bytes / copy BW on memory-bound rows, triton): "
+        print(f"fp8 target (time <= {FP8_TARGET}x of fp8 KV bytes / copy BW on memory-bound rows, {name}): "
               f"{len(ok)} of {len(judged)} rows meet it")  # fmt: skip
     if args.json:
         write_json(args.json, {"env": env, "roofline": roof, "kv_dtype": args.kv_dtype, "timing": args.timing,

@@ -5,7 +5,8 @@
 // the registry, which routes such calls to the Triton or reference backend):
 //   q bf16 [B, q_len 1..8, heads 1..128, 576], rows 16-byte aligned;
 //   kv_cache bf16 [num_pages, page_size, 576] contiguous, page_size a power of two
-//   in 16..256; head_dim_v 512; no kv_scale (the fp8 cache is a separate variant).
+//   in 16..256; head_dim_v 512; or kv_cache float8_e4m3fn of the same shape with kv_scale
+//   (float32 [1] on q's device: the fp8 variant, decode/mla_decode_sm90_fp8.cuh).
 //
 // No host sync and no value-dependent allocation: the split of the keys over the
 // SMs is planned on the device from cache_seqlens, and the workspace size depends
@@ -58,9 +59,9 @@ int plan_window() {
   return n;
 }
 
-// Consumer schedule: TOKENSPEED_MLA_DECODE_SCHEDULE=seesaw (default: pairs of tiles,
-// mla_decode_sm90_seesaw.cuh; faster or equal in every measured shape) | lockstep. Read on every
-// call, so one benchmark process can compare both.
+// Consumer schedule of the bf16 cache (the fp8 cache has one): TOKENSPEED_MLA_DECODE_SCHEDULE=
+// seesaw (default: pairs of tiles, mla_decode_sm90_seesaw.cuh; faster or equal in every measured
+// shape) | lockstep. Read on every call, so one benchmark process can compare both.
 int decode_schedule() {
   const char* v = std::getenv("TOKENSPEED_MLA_DECODE_SCHEDULE");
   if (v == nullptr || *v == '\0' || std::string(v) == "seesaw") return 1;
@@ -87,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   check_mla_decode_args(q, kv_cache, block_table, cache_seqlens, softmax_scale, head_dim_v, kv_scale);
   TORCH_CHECK(q.is_cuda(), kOp, ": q must be a CUDA tensor, got ", q.device());
   // what this kernel covers
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kv_cache.scalar_type() == at::kBFloat16, kOp,
-              ": q and kv_cache must be bfloat16, got ", c10::toString(q.scalar_type()), " and ",
-              c10::toString(kv_cache.scalar_type()), kUseRegistry);
-  TORCH_CHECK(!kv_scale.has_value(), kOp, ": kv_scale (fp8 cache) is not supported", kUseRegistry);
+  const bool fp8_kv = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && (kv_cache.scalar_type() == at::kBFloat16 || fp8_kv), kOp,
+              ": q must be bfloat16 and kv_cache bfloat16 or float8_e4m3fn, got ", c10::toString(q.scalar_type()),
+              " and ", c10::toString(kv_cache.scalar_type()), kUseRegistry);
   TORCH_CHECK(q.size(3) == sm90::kHeadDim, kOp, ": head_dim (q.shape[3]) must be ", sm90::kHeadDim,
               " (512 latent + 64 rope), got ", q.size(3), kUseRegistry);
   TORCH_CHECK(head_dim_v == sm90::kHeadDimV, kOp, ": head_dim_v must be ", sm90::kHeadDimV, ", got ",
@@ -142,6 +143,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   p.seqlens = cache_seqlens.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.kv_scale = fp8_kv ? kv_scale->data_ptr<float>() : nullptr;
   p.ws_out = workspace.data_ptr<float>();
   p.ws_lse = p.ws_out + sm90::workspace_out_floats(slots, rows);
   p.ws_plan = reinterpret_cast<int*>(p.ws_lse + sm90::workspace_lse_floats(slots, rows));
@@ -161,8 +163,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_sm90_cuda(const at::Tensor& q, con
   p.min_split = min_split_cost();
   p.plan_window = plan_window();
   p.schedule = decode_schedule();
-  check_cuda_launch(kOp, sm90::launch_mla_decode_sm90(p, kv_cache.data_ptr(), num_pages,
-                                                      at::cuda::getCurrentCUDAStream()));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  check_cuda_launch(kOp, fp8_kv ? sm90::launch_mla_decode_sm90_fp8(p, kv_cache.data_ptr(), num_pages, stream)
+                                : sm90::launch_mla_decode_sm90(p, kv_cache.data_ptr(), num_pages, stream));
   return {out, lse};
 }
 

@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [
     "csrc/mla/decode/mla_decode_sm90_bf16.cu",
+    "csrc/mla/decode/mla_decode_sm90_fp8.cu",
     "csrc/mla/decode/mla_decode_sm90_plan.cu",
     "csrc/mla/merge_attn_states.cu",
     "csrc/mla/prefill/mla_prefill_sm90_d192.cu",

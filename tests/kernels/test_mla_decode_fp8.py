@@ -152,15 +152,19 @@ def test_opcheck_fp8_cache(gen: torch.Generator) -> None:
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
 
 
-def test_registry_routes_fp8_caches_to_triton() -> None:
+def test_registry_routes_fp8_caches() -> None:
+    """Hopper: the sm90 kernel (tests/kernels/test_mla_decode_sm90_fp8.py) when built with CUDA, else
+    Triton; other GPUs: Triton; CPU: the C++ op."""
     from tokenspeed_kernels import registry
 
     traits = dict(page_size=64, heads=16, q_len=1, head_dim=576)
-    assert registry.select("mla_decode", registry.H100, torch.bfloat16, kv_dtype=F8, **traits).backend == "triton"
+    hopper = registry.select("mla_decode", registry.H100, torch.bfloat16, kv_dtype=F8, **traits).backend
+    assert hopper == ("cuda_sm90" if tk.build_info()["cuda"] else "triton")
+    assert registry.select("mla_decode", registry.A100, torch.bfloat16, kv_dtype=F8, **traits).backend == "triton"
     assert registry.select("mla_decode", "cpu", torch.bfloat16, kv_dtype=F8, **traits).backend == "native_cpu"
-    if tk.build_info()["cuda"]:
-        bf16 = registry.select("mla_decode", registry.H100, torch.bfloat16, kv_dtype=torch.bfloat16, **traits)
-        assert bf16.backend == "cuda_sm90"
+    with pytest.raises(registry.NoKernelError):  # the sm90 kernel takes bf16 queries only
+        with registry.use_backend("cuda_sm90", "mla_decode"):
+            registry.select("mla_decode", registry.H100, torch.float16, kv_dtype=F8, **traits)
 
 
 # -------------------------------------------------------------- Triton fp8 kernel, interpreter

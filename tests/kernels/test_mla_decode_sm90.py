@@ -252,7 +252,7 @@ def test_opcheck_cuda(gen: torch.Generator) -> None:
 @pytest.mark.parametrize(
     "change,pattern",
     [
-        ("fp16", r"q and kv_cache must be bfloat16, got Half and Half.*registry"),
+        ("fp16", r"q must be bfloat16 and kv_cache bfloat16 or float8_e4m3fn, got Half and Half.*registry"),
         ("head_dim", r"head_dim \(q.shape\[3\]\) must be 576.*registry"),
         ("head_dim_v", r"head_dim_v must be 512, got 256.*registry"),
         ("q_len", r"q_len \(q.shape\[1\]\) must be in \[1, 8\], got 9.*registry"),

@@ -71,7 +71,7 @@ def register_builtin_kernels(built_with_cuda: bool) -> None:
             "heads": {16, 32, 64, 128},
             "q_len": range(1, 9),
             "head_dim": {576},
-            "kv_dtype": {torch.bfloat16},  # no fp8 cache variant yet
+            "kv_dtype": {torch.bfloat16, torch.float8_e4m3fn},  # fp8: per-tensor kv_scale, f16 wgmma
         },
         priority=Priority.SPECIALISED,
         description="TMA + wgmma warp-specialised decode, split-KV planned on the device (CUDA key)",

@@ -72,6 +72,8 @@ struct MlaDecodeSm90Params {
   const int32_t* seqlens;       // [batch] keys per sequence incl. the q_len new tokens
   void* out;                    // bf16 [batch, q_len, heads, 512] contiguous (row b * rows + r)
   float* lse;                   // fp32 [batch, q_len, heads] contiguous, natural log
+  const float* kv_scale;        // fp8 cache: [1] per-tensor dequantisation scale (device); bf16: nullptr
+  const uint8_t* kv_codes;      // fp8 cache: e4m3 [num_pages, page_size, 576] (read without TMA); bf16: nullptr
   float* ws_out;                // fp32 [2 * slots, rows, 512]: normalised partial outputs
   float* ws_lse;                // fp32 [2 * slots, rows]: partial lse (natural log)
   int* ws_plan;                 // [1]: the per-slot plan units C the decode kernel chose (read by the combine)
@@ -162,6 +164,11 @@ size_t decode_smem_bytes();
 // it is encoded here. Returns the first error (encoding or launch).
 cudaError_t launch_mla_decode_sm90(const MlaDecodeSm90Params& params, const void* kv_cache,
                                    int64_t num_pages, cudaStream_t stream);
+
+// The same over an e4m3 [num_pages, page_size, 576] cache with params.kv_scale set
+// (mla_decode_sm90_fp8.cu): one consumer schedule, params.schedule is ignored.
+cudaError_t launch_mla_decode_sm90_fp8(const MlaDecodeSm90Params& params, const void* kv_cache,
+                                       int64_t num_pages, cudaStream_t stream);
 
 // The combine kernel alone (called by launch_mla_decode_sm90).
 cudaError_t launch_mla_decode_sm90_combine(const MlaDecodeSm90Params& params,

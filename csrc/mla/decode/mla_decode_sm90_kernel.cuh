@@ -95,13 +95,14 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
 // Consumers
 // ---------------------------------------------------------------------------------
 
-// Q rows of (sequence b, row block mb) into the Q panels, swizzled like TMA would;
-// rows past q_len * heads are zero. Called by the 256 consumer threads: thread
-// (row = ctid / 4, part = ctid % 4) moves 16-byte vectors part + 4k (k = 0..17) of
-// its row, so panel = k / 2 and chunk = part + 4 * (k % 2) (offsets are constants).
-__device__ __forceinline__ void load_q(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
-                                       int ctid) {
-  constexpr int kVecs = kHeadDim / 8 / 4;  // 18 vectors of 16 B per thread
+// Q rows of (sequence b, row block mb), swizzled into the Q panels like TMA would; rows past
+// q_len * heads are zero. Thread (row = ctid / 4, part = ctid % 4) of the 256 consumer threads
+// moves 16-byte vectors part + 4k (k = 0..17) of its row, so panel = k / 2 and chunk =
+// part + 4 * (k % 2) (offsets are constants). load_q_vectors reads them (bf16), store_q_vectors
+// writes them (bf16, or f16 after the fp8 variant's scaling).
+constexpr int kQVecs = kHeadDim / 8 / 4;  // 18 vectors of 16 B per thread
+__device__ __forceinline__ void load_q_vectors(const MlaDecodeSm90Params& p, int b, int mb, int ctid,
+                                               uint4 (&v)[kQVecs]) {
   const int row = ctid >> 2, part = ctid & 3;
   const int r = mb * kBlockM + row;
   const bool real = r < p.rows;
@@ -111,15 +112,22 @@ __device__ __forceinline__ void load_q(const MlaDecodeSm90Params& p, int b, int 
     src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b +
                                          i * p.q_stride_i + h * p.q_stride_h) + part;
   }
+#pragma unroll
+  for (int k = 0; k < kQVecs; ++k) v[k] = real ? __ldg(src + 4 * k) : make_uint4(0u, 0u, 0u, 0u);
+}
+__device__ __forceinline__ void store_q_vectors(uint8_t* q_smem, int ctid, const uint4 (&v)[kQVecs]) {
+  const int row = ctid >> 2, part = ctid & 3;
   uint8_t* dst_even = q_smem + row * 128 + ((part ^ (row & 7)) << 4);
   uint8_t* dst_odd = q_smem + row * 128 + (((part + 4) ^ (row & 7)) << 4);
-  uint4 v[kVecs];
 #pragma unroll
-  for (int k = 0; k < kVecs; ++k) v[k] = real ? __ldg(src + 4 * k) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-  for (int k = 0; k < kVecs; ++k) {
+  for (int k = 0; k < kQVecs; ++k) {
     *reinterpret_cast<uint4*>(((k & 1) ? dst_odd : dst_even) + (k >> 1) * kPanelBytes) = v[k];
   }
+}
+__device__ __forceinline__ void load_q(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem, int ctid) {
+  uint4 v[kQVecs];
+  load_q_vectors(p, b, mb, ctid, v);
+  store_q_vectors(q_smem, ctid, v);
 }
 
 // Keys a row may see: [0, limit). Rows past q_len * heads (padding of the last row
@@ -133,11 +141,13 @@ __device__ __forceinline__ int row_limit(const MlaDecodeSm90Params& p, int len, 
 // Waits for a tile and, when it is the sequence's last partial tile, zeroes the value
 // rows of keys >= len in this warpgroup's four value panels: those rows hold another
 // page's tail, stale data or NaN, and P = 0 there would still give 0 * NaN = NaN.
+// kZeroTail = false: the fp8 variant's producer already wrote those rows as zeros.
+template <bool kZeroTail = true>
 __device__ __forceinline__ void acquire_tile(uint8_t* smem, uint32_t smem_base, uint32_t iter, int valid,
                                              int w, int wtid) {
   const int stage = iter & 1;
   mbar_wait(smem_base + kBarOff + stage * 8, (iter >> 1) & 1);
-  if (valid < kBlockN) {
+  if (kZeroTail && valid < kBlockN) {
     uint8_t* tile = smem + kStageOff + stage * kTileBytes;
     const int n = (kBlockN - valid) * 32;  // rows x 4 panels x 8 vectors of 16 B
     for (int idx = wtid; idx < n; idx += 128) {
@@ -158,35 +168,43 @@ constexpr int qk_off(int kk) { return ((kk / 4) * kPanelBytes + (kk % 4) * 32) /
 constexpr int pv_off_p(int kk) { return kk * 32 / 16; }
 constexpr int pv_off_v(int kk) { return kk * 16 * 128 / 16; }
 
-template <int... kK>
+template <MmaType kT, int... kK>
 __device__ __forceinline__ void qk_steps(float (&s)[16], uint64_t dq, uint64_t dk,
                                          std::integer_sequence<int, kK...>) {
-  (wgmma_m64n32k16_ss<qk_off(kK), qk_off(kK)>(s, dq, dk, kK > 0 ? 1 : 0), ...);
+  (wgmma_m64n32k16_ss<kT, qk_off(kK), qk_off(kK)>(s, dq, dk, kK > 0 ? 1 : 0), ...);
 }
-template <int... kK>
+template <MmaType kT, int... kK>
 __device__ __forceinline__ void pv_steps(float (&o)[128], uint64_t dp, uint64_t dv,
                                          std::integer_sequence<int, kK...>) {
-  (wgmma_m64n256k16_ss_tb<pv_off_p(kK), pv_off_v(kK)>(o, dp, dv, 1), ...);
+  (wgmma_m64n256k16_ss_tb<kT, pv_off_p(kK), pv_off_v(kK)>(o, dp, dv, 1), ...);
 }
 
 // S = Q K_w^T over 576 dims: 36 k-steps of 16, issued asynchronously (one group).
+template <MmaType kT = MmaType::kBF16>
 __device__ __forceinline__ void issue_qk(float (&s)[16], uint32_t q_addr, uint32_t stage_addr, int w) {
   const uint64_t dq = desc_k_sw128(q_addr);
   const uint64_t dk = desc_k_sw128(stage_addr + w * 32 * 128);  // keys 32w .. 32w + 31
   wgmma_fence();
-  qk_steps(s, dq, dk, std::make_integer_sequence<int, kHeadDim / 16>{});
+  qk_steps<kT>(s, dq, dk, std::make_integer_sequence<int, kHeadDim / 16>{});
   wgmma_commit();
 }
 
 // O_w += P V_w: P [64 rows x 64 keys] from the rope panel, V_w = value dims
 // [256w, 256w + 256) of the tile: 4 k-steps of 16 keys (one group).
+template <MmaType kT = MmaType::kBF16>
 __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t stage_addr, int w) {
   const uint64_t dp = desc_k_sw128(stage_addr + kRopePanel * kPanelBytes);
   const uint64_t dv = desc_mn_sw128(stage_addr + 4 * w * kPanelBytes, kPanelBytes);
   wgmma_fence();
-  pv_steps(o, dp, dv, std::make_integer_sequence<int, kBlockN / 16>{});
+  pv_steps<kT>(o, dp, dv, std::make_integer_sequence<int, kBlockN / 16>{});
   wgmma_commit();
 }
+
+// Kernel variants: the bf16 cache with the lockstep (0) or seesaw (1) consumer schedule, and the
+// fp8 cache (2, mla_decode_sm90_fp8.cuh).
+constexpr int kVariantLockstep = 0;
+constexpr int kVariantSeesaw = 1;
+constexpr int kVariantFp8 = 2;
 
 // Writes one row of this warpgroup's 256 output values; kE selects the row of the
 // accumulator fragment (0: row0, 2: row0 + 8).
@@ -208,18 +226,133 @@ __device__ __forceinline__ void store_row_f32(float* dst, const float (&o)[128],
   }
 }
 
+// One tile of the online softmax, shared by the lockstep and fp8 consumers: S (this warpgroup's
+// 32 keys) to the log2 domain (`scale`) and masked, the row maxima exchanged with the other
+// warpgroup through mbuf, the conditional rescale of O and l, P = exp2(S - base) over the
+// tile's rope panel (p_panel), and the barrier after which the whole 64 x 64 P is in smem.
+template <MmaType kT>
+__device__ __forceinline__ void softmax_to_p(float (&s)[16], float (&o)[128], float scale, int key0,
+                                             int mask_from, int lim0, int lim1, float* mbuf,
+                                             uint8_t* p_panel, int w, int row0, int quad, float& m0,
+                                             float& m1, float& l0, float& l1,
+                                             [[maybe_unused]] trace::PhaseClock& ph_) {
+  const float ninf = neg_inf();
+  // Masked keys become -inf before any exp.
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s[i] *= scale;
+  if (key0 + kBlockN > mask_from) {
+    mask_keys<4>(s, key0 + 32 * w, lim0, lim1, quad);
+  }
+  float mx0, mx1;
+  row_max<4>(s, mx0, mx1);
+  if (quad == 0) {
+    mbuf[w * kBlockM + row0] = mx0;
+    mbuf[w * kBlockM + row0 + 8] = mx1;
+  }
+  TS_MLA_PHASE(trace::kPhSoftmax1);
+  named_bar_sync(kBarMax, 256);  // also: both warpgroups' QK(t) are complete
+  TS_MLA_PHASE(trace::kPhBarMax);
+  mx0 = fmaxf(mx0, mbuf[(w ^ 1) * kBlockM + row0]);
+  mx1 = fmaxf(mx1, mbuf[(w ^ 1) * kBlockM + row0 + 8]);
+
+  // Conditional rescale: both warpgroups see the same maxima and make the same
+  // decision, so their P share one base per row.
+  const bool up0 = mx0 > m0 + kRescaleThreshold;  // false while mx0 = -inf
+  const bool up1 = mx1 > m1 + kRescaleThreshold;
+  float alpha0 = 1.f, alpha1 = 1.f;
+  if (up0) {
+    alpha0 = exp2_approx(m0 - mx0);  // m0 = -inf -> 0 (O and l are still 0)
+    m0 = mx0;
+  }
+  if (up1) {
+    alpha1 = exp2_approx(m1 - mx1);
+    m1 = mx1;
+  }
+  const float base0 = m0 == ninf ? 0.f : m0;  // a row with no key yet: exp2(-inf - 0) = 0
+  const float base1 = m1 == ninf ? 0.f : m1;
+  float sum0, sum1;
+  exp2_rows<4>(s, base0, base1, sum0, sum1);
+  l0 = l0 * alpha0 + sum0;
+  l1 = l1 * alpha1 + sum1;
+
+  // P over the rope panel: this warpgroup's keys are chunks 4w .. 4w + 3.
+  store_p<4, kT>(s, p_panel, row0, quad, 4 * w);
+  // Rescale O only in warps where some row moved its base (the previous PV has retired).
+  if (__any_sync(0xffffffffu, up0 || up1)) scale_acc_rows(o, alpha0, alpha1);
+  fence_proxy_async();  // P stores -> read by wgmma
+  TS_MLA_PHASE(trace::kPhSoftmax2);
+  named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem
+  TS_MLA_PHASE(trace::kPhBarP);
+}
+
+// The end of a segment, shared by the consumers: row sums over both warpgroups, then either the
+// final rows (bf16 out, lse) when this CTA had the whole sequence, or a normalised fp32 partial
+// for the combine kernel. out_scale multiplies the output (the fp8 cache's kv_scale; 1 for bf16).
+__device__ __forceinline__ void finish_segment(const MlaDecodeSm90Params& p, const SlotRange& sr,
+                                               const Segment& seg, int mb, const float (&o)[128],
+                                               float m0, float m1, float l0, float l1, float out_scale,
+                                               float* ssum, int w, int row0, int quad) {
+  const float ninf = neg_inf();
+  const int row1 = row0 + 8;
+  // Row sums: this thread's part -> quad -> both warpgroups.
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  if (quad == 0) {
+    ssum[w * kBlockM + row0] = l0;
+    ssum[w * kBlockM + row1] = l1;
+  }
+  named_bar_sync(kBarEpi, 256);
+  l0 += ssum[(w ^ 1) * kBlockM + row0];
+  l1 += ssum[(w ^ 1) * kBlockM + row1];
+  // A row that saw no key: l = 0 -> out 0, lse -inf.
+  const float inv0 = l0 > 0.f ? out_scale / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? out_scale / l1 : 0.f;
+  const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : ninf;
+  const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : ninf;
+  const int r0 = mb * kBlockM + row0, r1 = mb * kBlockM + row1;
+  const int64_t seq_row = static_cast<int64_t>(seg.b) * p.rows;
+  if (seg.t0 == 0 && seg.t1 == seg.tiles) {  // the whole sequence: final result
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + 256 * w;
+    if (r0 < p.rows) store_row_bf16<0>(out + (seq_row + r0) * kHeadDimV, o, inv0, quad);
+    if (r1 < p.rows) store_row_bf16<2>(out + (seq_row + r1) * kHeadDimV, o, inv1, quad);
+    if (w == 0 && quad == 0) {
+      if (r0 < p.rows) p.lse[seq_row + r0] = lse0;
+      if (r1 < p.rows) p.lse[seq_row + r1] = lse1;
+    }
+  } else {  // one split: normalised fp32 partial, merged by the combine kernel
+    const int64_t part_row = static_cast<int64_t>(partial_index(sr.slot, seg.start, sr.per_slot)) * p.rows;
+    float* out = p.ws_out + 256 * w;
+    if (r0 < p.rows) store_row_f32<0>(out + (part_row + r0) * kHeadDimV, o, inv0, quad);
+    if (r1 < p.rows) store_row_f32<2>(out + (part_row + r1) * kHeadDimV, o, inv1, quad);
+    if (w == 0 && quad == 0) {
+      if (r0 < p.rows) p.ws_lse[part_row + r0] = lse0;
+      if (r1 < p.rows) p.ws_lse[part_row + r1] = lse1;
+    }
+  }
+  TS_MLA_TRACE_EVENT("decode", trace::kEpilogueDone);
+}
+
 }  // namespace dev
 }  // namespace tokenspeed::mla_sm90
 
-// The seesaw schedule uses the helpers above (qk_off, pv_off_v, issue_pv, row_limit).
+// The seesaw schedule and the fp8-cache variant use the helpers above (qk_off, pv_off_v,
+// issue_qk / issue_pv, row_limit, softmax_to_p, finish_segment, the Q loads).
+#include "mla/decode/mla_decode_sm90_fp8.cuh"
 #include "mla/decode/mla_decode_sm90_seesaw.cuh"
 
 namespace tokenspeed::mla_sm90 {
 namespace dev {
 
-template <int kSchedule>
+// kVariant: kVariantLockstep / kVariantSeesaw (bf16 cache) or kVariantFp8 (the lockstep schedule
+// over f16 tiles widened from an fp8 cache: f16 Q and P, kv_scale folded into the score scale
+// and the output; the producer zeroes the tail rows).
+template <int kVariant>
 __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const SlotRange& sr,
                                              uint8_t* smem, uint32_t smem_base, int mb) {
+  constexpr bool kFp8 = kVariant == kVariantFp8;
+  constexpr MmaType kT = kFp8 ? MmaType::kF16 : MmaType::kBF16;
   const int ctid = threadIdx.x - 128;  // 0 .. 255
   const int w = ctid >> 7;             // consumer warpgroup: keys 32w.., value dims 256w..
   const int wtid = ctid & 127;
@@ -234,6 +367,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
   float* smax = reinterpret_cast<float*>(smem + kMaxOff);
   float* ssum = reinterpret_cast<float*>(smem + kSumOff);
   const float ninf = neg_inf();
+  const float kv_scale = kFp8 ? __ldg(p.kv_scale) : 1.f;
 
   float o[128];
   float s[16];
@@ -244,7 +378,12 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
   while (next_segment(p, sr, it, seg)) {
     // Both warpgroups are done with the previous segment's Q (all wgmma waited).
     named_bar_sync(kBarSeg, 256);
-    load_q(p, seg.b, mb, smem + kQOff, ctid);
+    float scale = p.scale_log2;
+    if constexpr (kFp8) {
+      scale *= kv_scale * load_q_f16(p, seg.b, mb, smem + kQOff, ctid, ssum);
+    } else {
+      load_q(p, seg.b, mb, smem + kQOff, ctid);
+    }
     fence_proxy_async();
     named_bar_sync(kBarSeg, 256);
 
@@ -257,14 +396,14 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
 
-    if constexpr (kSchedule == 1) {
+    if constexpr (kVariant == kVariantSeesaw) {
       seesaw_segment(p, seg, smem, smem_base, mb, iter, o, m0, m1, l0, l1, ph_);
     } else {
       TS_MLA_PHASE(trace::kPhOther);
-      acquire_tile(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
+      acquire_tile<!kFp8>(smem, smem_base, iter, seg.len - seg.t0 * kBlockN, w, wtid);
       TS_MLA_PHASE(trace::kPhAcquire);
       if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTileFull);
-      issue_qk(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
+      issue_qk<kT>(s, q_addr, smem_base + kStageOff + (iter & 1) * kTileBytes, w);
 
       for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
         const int stage = iter & 1;
@@ -281,62 +420,16 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
         fence_regs(s);
         TS_MLA_PHASE(trace::kPhWaitQk);
 
-        // Scores to the log2 domain; masked keys become -inf before any exp.
-        const int key0 = t * kBlockN;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) s[i] *= p.scale_log2;
-        if (key0 + kBlockN > mask_from) {
-          mask_keys<4>(s, key0 + 32 * w, lim0, lim1, quad);
-        }
-        float mx0, mx1;
-        row_max<4>(s, mx0, mx1);
-        float* mbuf = smax + (iter & 1) * 2 * kBlockM;
-        if (quad == 0) {
-          mbuf[w * kBlockM + row0] = mx0;
-          mbuf[w * kBlockM + row1] = mx1;
-        }
-        TS_MLA_PHASE(trace::kPhSoftmax1);
-        named_bar_sync(kBarMax, 256);  // also: both warpgroups' QK(t) are complete
-        TS_MLA_PHASE(trace::kPhBarMax);
-        mx0 = fmaxf(mx0, mbuf[(w ^ 1) * kBlockM + row0]);
-        mx1 = fmaxf(mx1, mbuf[(w ^ 1) * kBlockM + row1]);
-
-        // Conditional rescale: both warpgroups see the same maxima and make the same
-        // decision, so their P share one base per row.
-        const bool up0 = mx0 > m0 + kRescaleThreshold;  // false while mx0 = -inf
-        const bool up1 = mx1 > m1 + kRescaleThreshold;
-        float alpha0 = 1.f, alpha1 = 1.f;
-        if (up0) {
-          alpha0 = exp2_approx(m0 - mx0);  // m0 = -inf -> 0 (O and l are still 0)
-          m0 = mx0;
-        }
-        if (up1) {
-          alpha1 = exp2_approx(m1 - mx1);
-          m1 = mx1;
-        }
-        const float base0 = m0 == ninf ? 0.f : m0;  // a row with no key yet: exp2(-inf - 0) = 0
-        const float base1 = m1 == ninf ? 0.f : m1;
-        float sum0, sum1;
-        exp2_rows<4>(s, base0, base1, sum0, sum1);
-        l0 = l0 * alpha0 + sum0;
-        l1 = l1 * alpha1 + sum1;
-
-        // P (bf16) over the rope panel: this warpgroup's keys are chunks 4w .. 4w + 3.
-        store_p<4>(s, stage_ptr + kRopePanel * kPanelBytes, row0, quad, 4 * w);
-        // Rescale O only in warps where some row moved its base (PV(t-1) retired above).
-        if (__any_sync(0xffffffffu, up0 || up1)) scale_acc_rows(o, alpha0, alpha1);
-        fence_proxy_async();         // P stores -> read by wgmma
-        TS_MLA_PHASE(trace::kPhSoftmax2);
-        named_bar_sync(kBarP, 256);  // the whole 64 x 64 P is in smem
-        TS_MLA_PHASE(trace::kPhBarP);
-        issue_pv(o, stage_addr, w);
+        softmax_to_p<kT>(s, o, scale, t * kBlockN, mask_from, lim0, lim1, smax + (iter & 1) * 2 * kBlockM,
+                         stage_ptr + kRopePanel * kPanelBytes, w, row0, quad, m0, m1, l0, l1, ph_);
+        issue_pv<kT>(o, stage_addr, w);
 
         // Next tile's QK^T queues behind PV(t) on the tensor cores.
         if (t + 1 < seg.t1) {
           TS_MLA_PHASE(trace::kPhOther);
-          acquire_tile(smem, smem_base, iter + 1, seg.len - (t + 1) * kBlockN, w, wtid);
+          acquire_tile<!kFp8>(smem, smem_base, iter + 1, seg.len - (t + 1) * kBlockN, w, wtid);
           TS_MLA_PHASE(trace::kPhAcquire);
-          issue_qk(s, q_addr, smem_base + kStageOff + ((iter + 1) & 1) * kTileBytes, w);
+          issue_qk<kT>(s, q_addr, smem_base + kStageOff + ((iter + 1) & 1) * kTileBytes, w);
         }
       }
       wgmma_wait<0>();
@@ -345,44 +438,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
     }  // lockstep schedule
     TS_MLA_TRACE_EVENT("decode", trace::kMainLoopDone);
 
-    // Row sums: this thread's part -> quad -> both warpgroups.
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    if (quad == 0) {
-      ssum[w * kBlockM + row0] = l0;
-      ssum[w * kBlockM + row1] = l1;
-    }
-    named_bar_sync(kBarEpi, 256);
-    l0 += ssum[(w ^ 1) * kBlockM + row0];
-    l1 += ssum[(w ^ 1) * kBlockM + row1];
-    // A row that saw no key: l = 0 -> out 0, lse -inf.
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-    const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : ninf;
-    const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : ninf;
-    const int r0 = mb * kBlockM + row0, r1 = mb * kBlockM + row1;
-    const int64_t seq_row = static_cast<int64_t>(seg.b) * p.rows;
-    if (seg.t0 == 0 && seg.t1 == seg.tiles) {  // the whole sequence: final result
-      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + 256 * w;
-      if (r0 < p.rows) store_row_bf16<0>(out + (seq_row + r0) * kHeadDimV, o, inv0, quad);
-      if (r1 < p.rows) store_row_bf16<2>(out + (seq_row + r1) * kHeadDimV, o, inv1, quad);
-      if (w == 0 && quad == 0) {
-        if (r0 < p.rows) p.lse[seq_row + r0] = lse0;
-        if (r1 < p.rows) p.lse[seq_row + r1] = lse1;
-      }
-    } else {  // one split: normalised fp32 partial, merged by the combine kernel
-      const int64_t part_row = static_cast<int64_t>(partial_index(sr.slot, seg.start, sr.per_slot)) * p.rows;
-      float* out = p.ws_out + 256 * w;
-      if (r0 < p.rows) store_row_f32<0>(out + (part_row + r0) * kHeadDimV, o, inv0, quad);
-      if (r1 < p.rows) store_row_f32<2>(out + (part_row + r1) * kHeadDimV, o, inv1, quad);
-      if (w == 0 && quad == 0) {
-        if (r0 < p.rows) p.ws_lse[part_row + r0] = lse0;
-        if (r1 < p.rows) p.ws_lse[part_row + r1] = lse1;
-      }
-    }
-    TS_MLA_TRACE_EVENT("decode", trace::kEpilogueDone);
+    finish_segment(p, sr, seg, mb, o, m0, m1, l0, l1, kv_scale, ssum, w, row0, quad);
   }
   TS_MLA_PHASE(trace::kPhOther);
   TS_MLA_PHASE_PRINT();
@@ -392,7 +448,7 @@ __device__ __forceinline__ void run_consumer(const MlaDecodeSm90Params& p, const
 
 // grid = slots * m_blocks (blockIdx.x = slot * m_blocks + mb: the row blocks of one
 // key range run side by side and share the tiles in L2), 384 threads, kSmemBytes.
-template <int kSchedule>
+template <int kVariant>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_sm90_kernel(const __grid_constant__ CUtensorMap kv_map,
                            const __grid_constant__ MlaDecodeSm90Params p) {
@@ -442,7 +498,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     const uint32_t bars = smem_base + kBarOff;
     for (int s = 0; s < kStages; ++s) {
-      dev::mbar_init(bars + s * 8, 1);                                // full: producer's expect_tx
+      // full: the TMA producer's expect_tx, or one arrival per warp of the fp8 variant's producer
+      dev::mbar_init(bars + s * 8, kVariant == dev::kVariantFp8 ? 4 : 1);
       dev::mbar_init(bars + (kStages + s) * 8, kConsumerWarps);       // empty: one per consumer warp
       for (int half = 0; half < 2; ++half) {                          // seesaw: per stage half
         dev::mbar_init(dev::half_bar(smem_base, 0, half, s), 1);
@@ -450,17 +507,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     dev::fence_barrier_init();
-    dev::prefetch_tensormap(&kv_map);
+    if constexpr (kVariant != dev::kVariantFp8) dev::prefetch_tensormap(&kv_map);
   }
   __syncthreads();
   sr.first_b = scratch[16];
   sr.first_start = scratch[17];
   TS_MLA_TRACE_EVENT("decode", trace::kPlanDone);
 
-  if (tid < 128) {
+  if constexpr (kVariant == dev::kVariantFp8) {
+    if (tid < 128) {
+      dev::setmaxnreg_dec<kProducerRegsFp8>();
+      dev::run_producer_fp8(p, sr, smem, smem_base);
+    } else {
+      dev::setmaxnreg_inc<kConsumerRegsFp8>();
+      dev::run_consumer<kVariant>(p, sr, smem, smem_base, mb);
+    }
+  } else if (tid < 128) {
     dev::setmaxnreg_dec<kProducerRegs>();
     if (tid == 0) {
-      if constexpr (kSchedule == 1) {
+      if constexpr (kVariant == dev::kVariantSeesaw) {
         dev::run_producer_halves(&kv_map, p, sr, smem_base);
       } else {
         dev::run_producer(&kv_map, p, sr, smem_base);
@@ -468,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     dev::setmaxnreg_inc<kConsumerRegs>();
-    dev::run_consumer<kSchedule>(p, sr, smem, smem_base, mb);
+    dev::run_consumer<kVariant>(p, sr, smem, smem_base, mb);
   }
 }
 

@@ -38,6 +38,10 @@ static_assert(kStageOff % 1024 == 0 && kTileBytes % 1024 == 0, "swizzle atoms ne
 constexpr int kConsumerWarps = 8;
 constexpr int kProducerRegs = 40;   // setmaxnreg: 128 x 40 + 256 x 232 = 64512 <= 65536
 constexpr int kConsumerRegs = 232;
+// fp8 variant: the producer warpgroup loads a whole tile of e4m3 codes into registers (18 x 16 B
+// per thread) and widens them into the stage (mla_decode_sm90_fp8.cuh).
+constexpr int kProducerRegsFp8 = 104;  // 128 x 104 + 256 x 200 = 64512
+constexpr int kConsumerRegsFp8 = 200;
 // Conditional rescale: the exponent base of a row moves only when its max grows by
 // more than this (log2 units, a factor 256); P <= 2^8 then, safe in bf16 and fp32.
 constexpr float kRescaleThreshold = 8.0f;

@@ -84,7 +84,7 @@ __device__ __forceinline__ void run_producer_halves(const CUtensorMap* kv_map, c
 template <int kFirst, int... kK>
 __device__ __forceinline__ void qk_tile_steps(float (&s)[32], uint64_t dq, uint64_t dk,
                                               std::integer_sequence<int, kK...>) {
-  (wgmma_m64n64k16_ss<qk_off(kFirst + kK), qk_off(kFirst + kK)>(s, dq, dk, kFirst + kK > 0 ? 1 : 0), ...);
+  (wgmma_m64n64k16_ss<MmaType::kBF16, qk_off(kFirst + kK), qk_off(kFirst + kK)>(s, dq, dk, kFirst + kK > 0 ? 1 : 0), ...);
 }
 __device__ __forceinline__ void seesaw_qk(float (&s)[32], uint32_t q_addr, uint32_t stage_addr, uint32_t smem_base,
                                           int stage, uint32_t phase) {

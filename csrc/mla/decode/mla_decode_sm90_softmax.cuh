@@ -4,11 +4,13 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "common/sm90_ptx.cuh"
+#include "mla/decode/mla_decode_sm90_wgmma.cuh"
 
 namespace tokenspeed::mla_sm90::dev {
 
@@ -63,16 +65,27 @@ __device__ __forceinline__ void exp2_rows(float (&s)[4 * kGroups], float base0, 
   }
 }
 
-// P (bf16) into a 128-byte-swizzled K-major [64 rows x 64 keys] panel: row r at r * 128, key k
-// in 16-byte chunk k / 8 XOR (r % 8); this thread's groups are chunks chunk0 .. chunk0 + kGroups - 1.
-template <int kGroups>
+// Two probabilities as one register of the PV operand type (lo in bits 0..15).
+template <MmaType kT>
+__device__ __forceinline__ uint32_t pack_p(float lo, float hi) {
+  if constexpr (kT == MmaType::kF16) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    return pack_bf16x2(lo, hi);
+  }
+}
+
+// P (bf16 or f16) into a 128-byte-swizzled K-major [64 rows x 64 keys] panel: row r at r * 128,
+// key k in 16-byte chunk k / 8 XOR (r % 8); this thread's groups are chunks chunk0 .. chunk0 + kGroups - 1.
+template <int kGroups, MmaType kT = MmaType::kBF16>
 __device__ __forceinline__ void store_p(const float (&s)[4 * kGroups], uint8_t* panel, int row0, int quad, int chunk0) {
 #pragma unroll
   for (int j = 0; j < kGroups; ++j) {
     const int off0 = row0 * 128 + (((chunk0 + j) ^ (row0 & 7)) << 4) + quad * 4;
     const int off1 = off0 + 8 * 128;  // row0 + 8: same swizzle phase
-    *reinterpret_cast<__nv_bfloat162*>(panel + off0) = __floats2bfloat162_rn(s[4 * j], s[4 * j + 1]);
-    *reinterpret_cast<__nv_bfloat162*>(panel + off1) = __floats2bfloat162_rn(s[4 * j + 2], s[4 * j + 3]);
+    *reinterpret_cast<uint32_t*>(panel + off0) = pack_p<kT>(s[4 * j], s[4 * j + 1]);
+    *reinterpret_cast<uint32_t*>(panel + off1) = pack_p<kT>(s[4 * j + 2], s[4 * j + 3]);
   }
 }
 

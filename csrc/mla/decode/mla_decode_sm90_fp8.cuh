@@ -1,0 +1,185 @@
+// The fp8-cache variant of the Hopper MLA decode (kernel variant 2); included by
+// mla_decode_sm90_kernel.cuh after the helpers it shares with the bf16 schedules.
+//
+// The cache holds e4m3 codes with one per-tensor scale. wgmma cannot mix a bf16 Q with fp8 K,
+// and fp8 wgmma wants both operands K-major (V is MN-major for PV), so the tiles are widened:
+// an e4m3 code is exactly an f16 (one cvt.rn.f16x2.e4m3x2 per pair), and QK^T and PV run as f16
+// wgmma on the bf16 kernel's stage layout, with its lockstep consumers (run_consumer). The scale
+// is folded, never applied per element: scores use softmax_scale * kv_scale, the output is
+// multiplied by kv_scale once (finish_segment).
+//
+// The producer warpgroup (128 threads) is the loader: it reads a whole tile of codes from global
+// memory into registers (18 x 16 B per thread, through the block table), waits for the stage to
+// be released, widens the codes into it (keys past the sequence are zeros: no NaN of an unused
+// slot reaches a product), arrives on the stage's full barrier (one arrival per warp), and loads
+// the next tile while the consumers work. Widening in registers keeps the two 72 KB f16 stages
+// of the bf16 layout; an fp8 stage in shared memory as well would not fit beside them.
+// Q is f16 too: bf16's range is wider, so each segment's Q is scaled by a power of two that
+// puts its largest |q| in [2^13, 2^14), and the score scale takes the inverse.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/sm90_ptx.cuh"
+#include "mla/decode/mla_decode_sm90.h"
+#include "mla/decode/mla_decode_sm90_layout.cuh"
+#include "mla/decode/mla_decode_sm90_schedule.cuh"
+#include "mla/decode/mla_decode_sm90_softmax.cuh"
+#include "mla/decode/mla_decode_sm90_trace.cuh"
+#include "mla/decode/mla_decode_sm90_wgmma.cuh"
+
+namespace tokenspeed::mla_sm90::dev {
+
+// The tiles of a CTA's plan range in order (the walk next_segment defines), one at a time.
+struct TileCursor {
+  SegIter it;
+  Segment seg;
+  int t;
+  bool live;
+  __device__ __forceinline__ void start(const MlaDecodeSm90Params& p, const SlotRange& sr) {
+    it = SegIter{sr.first_b, sr.first_start};
+    live = next_segment(p, sr, it, seg);
+    t = seg.t0;
+  }
+  __device__ __forceinline__ void advance(const MlaDecodeSm90Params& p, const SlotRange& sr) {
+    if (++t < seg.t1) return;
+    live = next_segment(p, sr, it, seg);
+    t = seg.t0;
+  }
+};
+
+// Eight e4m3 codes (a 64-bit half of a vector) -> eight f16 (exact), as one 16-byte vector.
+__device__ __forceinline__ uint4 e4m3x8_to_f16x8(uint32_t lo, uint32_t hi) {
+  uint32_t h[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t word = i < 2 ? lo : hi;
+    const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>((i & 1) ? (word >> 16) : (word & 0xffffu)), __NV_E4M3);
+    h[i] = static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
+  }
+  return make_uint4(h[0], h[1], h[2], h[3]);
+}
+
+// A tile is 2304 vectors of 16 codes; producer thread tid owns vectors c = tid + 128 j (j < 18). Vector c
+// is (key k, dims 16 g ..): sub = c % 4, k = 2 (c / 72) + (c / 4) % 2, panel = (c / 8) % 9,
+// g = 4 panel + sub. So 8 consecutive lanes write two rows (k, k + 1) of one 128-byte panel row
+// pair whose swizzle phases differ: their 16-byte stores cover all 32 banks once.
+constexpr int kF8Vecs = kBlockN * kHeadDim / 16 / 128;  // 18
+struct F8Slot {
+  int key, panel, sub;
+};
+__device__ __forceinline__ F8Slot f8_slot(int j) {
+  // threadIdx.x read here, in a volatile asm, so the compiler recomputes the 18 slots per tile
+  // (a few integer ops) instead of keeping them live across the loop in the producer's registers.
+  uint32_t tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  const int c = static_cast<int>(tid) + 128 * j;
+  const int rest = c >> 3;
+  return {2 * (rest / 9) + ((c >> 2) & 1), rest % 9, c & 3};
+}
+
+// The codes of the cursor's tile into registers; keys >= the sequence length read as zeros.
+__device__ __forceinline__ void load_f8_tile(const MlaDecodeSm90Params& p, const TileCursor& cur,
+                                             uint4 (&v)[kF8Vecs]) {
+  const int ps_log2 = p.page_size_log2;
+  const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;
+  const int32_t* table = p.block_table + static_cast<int64_t>(cur.seg.b) * p.block_table_stride;
+  const TileBoxes tb = tile_boxes(table, cur.t * kBlockN, cur.seg.len, ps_log2, box_log2);
+  const int valid = min(kBlockN, cur.seg.len - cur.t * kBlockN);
+#pragma unroll
+  for (int j = 0; j < kF8Vecs; ++j) {
+    const F8Slot sl = f8_slot(j);
+    v[j] = make_uint4(0u, 0u, 0u, 0u);
+    if (sl.key < valid) {
+      const int x = sl.key >> box_log2;  // selects, not an indexed array: it would live in local memory
+      const int first = x == 0 ? tb.cache_row[0] : x == 1 ? tb.cache_row[1] : x == 2 ? tb.cache_row[2] : tb.cache_row[3];
+      const int64_t row = first + (sl.key & ((1 << box_log2) - 1));
+      v[j] = __ldg(reinterpret_cast<const uint4*>(p.kv_codes + row * kHeadDim) + 4 * sl.panel + sl.sub);
+    }
+  }
+}
+
+// The registers, widened to f16, into a stage (the bf16 kernel's swizzled panel layout).
+__device__ __forceinline__ void store_f16_tile(const uint4 (&v)[kF8Vecs], uint8_t* stage) {
+#pragma unroll
+  for (int j = 0; j < kF8Vecs; ++j) {
+    const F8Slot sl = f8_slot(j);
+    uint8_t* row = stage + sl.panel * kPanelBytes + sl.key * 128;
+    const int x = sl.key & 7;
+    *reinterpret_cast<uint4*>(row + (((2 * sl.sub) ^ x) << 4)) = e4m3x8_to_f16x8(v[j].x, v[j].y);
+    *reinterpret_cast<uint4*>(row + (((2 * sl.sub + 1) ^ x) << 4)) = e4m3x8_to_f16x8(v[j].z, v[j].w);
+  }
+}
+
+__device__ __forceinline__ void run_producer_fp8(const MlaDecodeSm90Params& p, const SlotRange& sr, uint8_t* smem,
+                                                 uint32_t smem_base) {
+  const int tid = threadIdx.x;  // 0 .. 127
+  const uint32_t bar_full0 = smem_base + kBarOff;
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  // The next tile's codes are loaded into registers while the consumers work on this one. Measured
+  // and not kept (H100, 2026-11-24): locating tiles one ahead and prefetching them into L2 two ahead
+  // (prefetch.global.L2) made every row slower (128 x 16 x 4K: 247 -> 338 us).
+  TileCursor cur;
+  cur.start(p, sr);
+  uint4 v[kF8Vecs];
+  if (cur.live) load_f8_tile(p, cur, v);
+  for (uint32_t iter = 0; cur.live; ++iter) {
+    const int stage = iter & 1;
+    mbar_wait(bar_empty0 + stage * 8, ((iter >> 1) & 1) ^ 1);
+    store_f16_tile(v, smem + kStageOff + stage * kTileBytes);
+    fence_proxy_async();  // generic stores -> read by wgmma
+    __syncwarp();
+    if ((tid & 31) == 0) mbar_arrive(bar_full0 + stage * 8);
+    cur.advance(p, sr);
+    if (cur.live) load_f8_tile(p, cur, v);
+  }
+}
+
+// Q as f16 (see the header): returns 2^-e for the score scale. The CTA's max |q| is reduced over
+// the 8 consumer warps through red[8]; the caller's barriers bracket this function.
+__device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
+                                            int ctid, float* red) {
+  uint4 v[kQVecs];
+  load_q_vectors(p, b, mb, ctid, v);
+  __nv_bfloat162 mx2 = __float2bfloat162_rn(0.f);
+#pragma unroll
+  for (int k = 0; k < kQVecs; ++k) {
+    const uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mx2 = __hmax2(mx2, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&words[i])));
+  }
+  float amax = fmaxf(__low2float(mx2), __high2float(mx2));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((ctid & 31) == 0) red[ctid >> 5] = amax;
+  named_bar_sync(kBarSeg, 256);
+#pragma unroll
+  for (int w = 0; w < kConsumerWarps; ++w) amax = fmaxf(amax, red[w]);
+  // amax in [2^(E-127), 2^(E-126)) for its biased exponent E; e = 140 - E puts it in [2^13, 2^14).
+  // E is clamped to [76, 254] so 2^e and 2^-e are normal floats (a zero or tiny Q gets 2^64).
+  const int biased = min(max((__float_as_int(amax) >> 23) & 0xff, 76), 254);
+  const float up = __int_as_float((267 - biased) << 23);
+  const float down = __int_as_float((biased - 13) << 23);
+#pragma unroll
+  for (int k = 0; k < kQVecs; ++k) {
+    uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
+      const __half2 h = __floats2half2_rn(f.x * up, f.y * up);
+      words[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    v[k] = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+  store_q_vectors(q_smem, ctid, v);
+  return down;
+}
+
+}  // namespace tokenspeed::mla_sm90::dev
