@@ -30,9 +30,6 @@
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_layout.cuh"
 #include "mla/decode/mla_decode_sm90_schedule.cuh"
-#include "mla/decode/mla_decode_sm90_softmax.cuh"
-#include "mla/decode/mla_decode_sm90_trace.cuh"
-#include "mla/decode/mla_decode_sm90_wgmma.cuh"
 
 namespace tokenspeed::mla_sm90::dev {
 
