@@ -26,7 +26,8 @@ DEBUG_CHECKS = "TOKENSPEED_DEBUG_CHECKS"  # "1": value checks that need a device
 MOE_SM90_TILE = "TOKENSPEED_MOE_SM90_TILE"
 MLA_DECODE_MIN_SPLIT = "TOKENSPEED_MLA_DECODE_MIN_SPLIT"  # 1..64: fewest 64-key tiles per sm90 decode split (C++)
 MLA_DECODE_PLAN_WINDOW = "TOKENSPEED_MLA_DECODE_PLAN_WINDOW"  # 1..8: sm90 decode plan capacities tried (1: even split) (C++)
-MLA_DECODE_SCHEDULE = "TOKENSPEED_MLA_DECODE_SCHEDULE"  # seesaw (default) | lockstep: sm90 decode consumers, bf16 cache (C++)
+# seesaw (default; an fp8 cache runs the transposed consumer at <= 32 rows) | lockstep: sm90 decode consumers (C++)
+MLA_DECODE_SCHEDULE = "TOKENSPEED_MLA_DECODE_SCHEDULE"
 
 # Engine / server (tokenspeed_engine)
 API_KEY = "TOKENSPEED_API_KEY"  # bearer token every endpoint but /health requires (same as --api-key)

@@ -59,9 +59,10 @@ int plan_window() {
   return n;
 }
 
-// Consumer schedule of the bf16 cache (the fp8 cache has one): TOKENSPEED_MLA_DECODE_SCHEDULE=
-// seesaw (default: pairs of tiles, mla_decode_sm90_seesaw.cuh; faster or equal in every measured
-// shape) | lockstep. Read on every call, so one benchmark process can compare both.
+// Consumer schedule: TOKENSPEED_MLA_DECODE_SCHEDULE=seesaw (default: pairs of tiles,
+// mla_decode_sm90_seesaw.cuh; faster or equal in every measured bf16 shape; the fp8 cache runs the
+// transposed consumer at <= 32 rows, lockstep above) | lockstep (both caches, every row count).
+// Read on every call, so one benchmark process can compare both.
 int decode_schedule() {
   const char* v = std::getenv("TOKENSPEED_MLA_DECODE_SCHEDULE");
   if (v == nullptr || *v == '\0' || std::string(v) == "seesaw") return 1;

@@ -3,7 +3,9 @@ CUDA with kv_scale) against the fp64 reference on the dequantised cache (``codes
 
 Caches from make_paged_kv: pages in random order, e4m3fn NaN bytes in every slot and page the kernel
 must not read. Tolerances: the fp8 rows of the table (the kernel widens codes to f16 exactly; Q is
-rounded to f16 after a power-of-two scale, P to f16). Skipped cleanly without a Hopper GPU.
+rounded to f16 after a power-of-two scale, P to f16). Every case runs under both consumers of rows
+<= 32 (the transposed one, the default, and the 64-row lockstep one). Skipped cleanly without a
+Hopper GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 F8 = torch.float8_e4m3fn
 DIM, DV = 576, 512
 SCALE = 192**-0.5
+
+
+@pytest.fixture(autouse=True, params=["transposed", "lockstep"])
+def consumer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """At <= 32 rows the default schedule runs the transposed consumer (variants 3 / 4) and
+    TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep the 64-row one (variant 2); above 32 rows both are
+    variant 2. Read per call."""
+    if request.param == "lockstep":
+        monkeypatch.setenv("TOKENSPEED_MLA_DECODE_SCHEDULE", "lockstep")
+    else:
+        monkeypatch.delenv("TOKENSPEED_MLA_DECODE_SCHEDULE", raising=False)
+    return request.param
 
 
 def _case(gen, seqlens, heads, q_len, page, q_mag=1.0, kv_scale=None):
@@ -73,10 +87,19 @@ def test_other_page_sizes(page: int, heads: int, q_len: int, gen: torch.Generato
     _check(q, paged, kv_scale, what=f"page={page} seqlens={seqlens}")
 
 
-@pytest.mark.parametrize("heads,q_len", [(16, 1), (32, 4), (100, 1)])
+@pytest.mark.parametrize("heads,q_len", [(16, 1), (32, 4), (100, 1), (12, 2)])
 def test_non_causal_and_odd_head_counts(heads: int, q_len: int, gen: torch.Generator) -> None:
     q, paged, kv_scale = _case(gen, [700, 5, 130], heads, q_len, 64)
     _check(q, paged, kv_scale, causal=False, what="non-causal")
+
+
+@pytest.mark.parametrize("heads,q_len", [(1, 1), (5, 3), (7, 2), (10, 3), (24, 1)])
+def test_row_counts_below_16_and_between_16_and_32(heads: int, q_len: int, gen: torch.Generator) -> None:
+    """Rows that fill neither 16 nor 32 columns of the transposed consumer: the padding columns
+    read zero Q and are never stored."""
+    seqlens = _ragged(gen, q_len, 64)
+    q, paged, kv_scale = _case(gen, seqlens, heads, q_len, 64)
+    _check(q, paged, kv_scale, what=f"rows={heads * q_len} seqlens={seqlens}")
 
 
 @pytest.mark.parametrize("q_len,heads,seqlens", [(1, 16, [33000, 17]), (4, 16, [65536]), (2, 128, [9000, 1])])

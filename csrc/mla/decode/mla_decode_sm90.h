@@ -90,7 +90,8 @@ struct MlaDecodeSm90Params {
   int combine_dsplit;           // combine kernel: 1 (a warp per row, 512 dims) or 4 (a block per row and 128 dims)
   int min_split;                // smallest plan range a slot is given (plan units, >= 1)
   int plan_window;              // per-slot capacities tried, C0 .. C0 + plan_window - 1 (1 .. kPlanWindow)
-  int schedule;                 // 0: both consumer warpgroups in lockstep per tile; 1: seesaw (pairs of tiles)
+  int schedule;                 // 0: both consumer warpgroups in lockstep per tile; 1: seesaw (pairs of tiles;
+                                // fp8 cache: the transposed consumer at <= 32 rows, lockstep above)
 };
 
 // ---- The plan: integer arithmetic shared by host, decode and combine kernels ----
@@ -166,7 +167,8 @@ cudaError_t launch_mla_decode_sm90(const MlaDecodeSm90Params& params, const void
                                    int64_t num_pages, cudaStream_t stream);
 
 // The same over an e4m3 [num_pages, page_size, 576] cache with params.kv_scale set
-// (mla_decode_sm90_fp8.cu): one consumer schedule, params.schedule is ignored.
+// (mla_decode_sm90_fp8.cu): at most 32 rows run the transposed consumer unless params.schedule
+// is 0 (the 64-row lockstep consumers, which every larger row count runs).
 cudaError_t launch_mla_decode_sm90_fp8(const MlaDecodeSm90Params& params, const void* kv_cache,
                                        int64_t num_pages, cudaStream_t stream);
 

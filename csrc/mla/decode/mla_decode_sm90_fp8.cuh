@@ -30,6 +30,7 @@
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_layout.cuh"
 #include "mla/decode/mla_decode_sm90_schedule.cuh"
+#include "mla/decode/mla_decode_sm90_trace.cuh"
 
 namespace tokenspeed::mla_sm90::dev {
 
@@ -64,7 +65,8 @@ __device__ __forceinline__ uint4 e4m3x8_to_f16x8(uint32_t lo, uint32_t hi) {
   return make_uint4(h[0], h[1], h[2], h[3]);
 }
 
-// A tile is 2304 vectors of 16 codes; producer thread tid owns vectors c = tid + 128 j (j < 18). Vector c
+// A tile is 2304 vectors of 16 codes; producer thread tid (of its warpgroup) owns vectors
+// c = tid + 128 j (j < 18). Vector c
 // is (key k, dims 16 g ..): sub = c % 4, k = 2 (c / 72) + (c / 4) % 2, panel = (c / 8) % 9,
 // g = 4 panel + sub. So 8 consecutive lanes write two rows (k, k + 1) of one 128-byte panel row
 // pair whose swizzle phases differ: their 16-byte stores cover all 32 banks once.
@@ -77,26 +79,37 @@ __device__ __forceinline__ F8Slot f8_slot(int j) {
   // (a few integer ops) instead of keeping them live across the loop in the producer's registers.
   uint32_t tid;
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
-  const int c = static_cast<int>(tid) + 128 * j;
+  const int c = static_cast<int>(tid & 127u) + 128 * j;
   const int rest = c >> 3;
   return {2 * (rest / 9) + ((c >> 2) & 1), rest % 9, c & 3};
 }
 
-// The codes of the cursor's tile into registers; keys >= the sequence length read as zeros.
-__device__ __forceinline__ void load_f8_tile(const MlaDecodeSm90Params& p, const TileCursor& cur,
-                                             uint4 (&v)[kF8Vecs]) {
+// Where a tile's codes are: the cache row of each box (block-table reads) and its keys < len.
+// Located one tile ahead of its loads, so the table's latency is not on the loads' path.
+struct TileLoc {
+  int cache_row[4];
+  int valid;
+};
+__device__ __forceinline__ TileLoc locate_tile(const MlaDecodeSm90Params& p, const TileCursor& cur) {
   const int ps_log2 = p.page_size_log2;
   const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;
   const int32_t* table = p.block_table + static_cast<int64_t>(cur.seg.b) * p.block_table_stride;
   const TileBoxes tb = tile_boxes(table, cur.t * kBlockN, cur.seg.len, ps_log2, box_log2);
-  const int valid = min(kBlockN, cur.seg.len - cur.t * kBlockN);
+  return {{tb.cache_row[0], tb.cache_row[1], tb.cache_row[2], tb.cache_row[3]},
+          min(kBlockN, cur.seg.len - cur.t * kBlockN)};
+}
+
+// The codes of a located tile into registers; keys >= the sequence length read as zeros.
+__device__ __forceinline__ void load_f8_tile(const MlaDecodeSm90Params& p, const TileLoc& loc,
+                                             uint4 (&v)[kF8Vecs]) {
+  const int box_log2 = p.page_size_log2 < 6 ? p.page_size_log2 : 6;
 #pragma unroll
   for (int j = 0; j < kF8Vecs; ++j) {
     const F8Slot sl = f8_slot(j);
     v[j] = make_uint4(0u, 0u, 0u, 0u);
-    if (sl.key < valid) {
+    if (sl.key < loc.valid) {
       const int x = sl.key >> box_log2;  // selects, not an indexed array: it would live in local memory
-      const int first = x == 0 ? tb.cache_row[0] : x == 1 ? tb.cache_row[1] : x == 2 ? tb.cache_row[2] : tb.cache_row[3];
+      const int first = x == 0 ? loc.cache_row[0] : x == 1 ? loc.cache_row[1] : x == 2 ? loc.cache_row[2] : loc.cache_row[3];
       const int64_t row = first + (sl.key & ((1 << box_log2) - 1));
       v[j] = __ldg(reinterpret_cast<const uint4*>(p.kv_codes + row * kHeadDim) + 4 * sl.panel + sl.sub);
     }
@@ -115,32 +128,108 @@ __device__ __forceinline__ void store_f16_tile(const uint4 (&v)[kF8Vecs], uint8_
   }
 }
 
-__device__ __forceinline__ void run_producer_fp8(const MlaDecodeSm90Params& p, const SlotRange& sr, uint8_t* smem,
-                                                 uint32_t smem_base) {
-  const int tid = threadIdx.x;  // 0 .. 127
-  const uint32_t bar_full0 = smem_base + kBarOff;
-  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
-  // The next tile's codes are loaded into registers while the consumers work on this one. Measured
-  // and not kept (H100, 2026-11-24): locating tiles one ahead and prefetching them into L2 two ahead
-  // (prefetch.global.L2) made every row slower (128 x 16 x 4K: 247 -> 338 us).
+// A producer's walk over its tiles: the cursor at the next tile, located ahead (loc, valid while
+// `more`) or not, and that tile's position in the CTA's tile order (iter & 1: its stage).
+struct F8Feed {
   TileCursor cur;
-  cur.start(p, sr);
-  uint4 v[kF8Vecs];
-  if (cur.live) load_f8_tile(p, cur, v);
-  for (uint32_t iter = 0; cur.live; ++iter) {
-    const int stage = iter & 1;
-    mbar_wait(bar_empty0 + stage * 8, ((iter >> 1) & 1) ^ 1);
+  TileLoc loc;
+  bool more;
+  bool started;
+  uint32_t next_iter;
+};
+
+// Loads the producer's next tile into v (its iter into it; has = false when none is left).
+// kAhead (two producers): the tile was located one step earlier, and the one after it (kStep
+// tiles further) is located now, before the loads, while v is still dead. Otherwise (the single
+// producer of the 64-row consumers, whose registers are fewer) the walk steps, then locates and
+// loads: measured faster there (H100, 2026-11-24: 128 x 64 x 8K 495 vs 527 us located ahead).
+template <int kStep, bool kAhead>
+__device__ __forceinline__ void take_tile(const MlaDecodeSm90Params& p, const SlotRange& sr, F8Feed& f,
+                                          uint4 (&v)[kF8Vecs], uint32_t& it, bool& has) {
+  constexpr bool kLoad = trace::kProbe != trace::kProbeConsumer;
+  if constexpr (!kAhead) {
+    if (f.started) {
+#pragma unroll
+      for (int i = 0; i < kStep; ++i) {
+        if (f.cur.live) f.cur.advance(p, sr);
+      }
+    }
+    f.started = true;
+    has = f.cur.live;
+    if (!has) return;
+    it = f.next_iter;
+    f.next_iter += kStep;
+    if constexpr (kLoad) load_f8_tile(p, locate_tile(p, f.cur), v);
+  } else {
+    has = f.more;
+    if (!f.more) return;
+    const TileLoc now = f.loc;
+    it = f.next_iter;
+    f.next_iter += kStep;
+#pragma unroll
+    for (int i = 0; i < kStep; ++i) {
+      if (f.cur.live) f.cur.advance(p, sr);
+    }
+    f.more = f.cur.live;
+    if (f.more) f.loc = locate_tile(p, f.cur);
+    if constexpr (kLoad) load_f8_tile(p, now, v);
+  }
+}
+
+// Waits for the tile's stage, widens v into it, arrives on its full barrier (one per warp).
+__device__ __forceinline__ void put_tile(uint8_t* smem, uint32_t smem_base, const uint4 (&v)[kF8Vecs], uint32_t it) {
+  const int stage = it & 1;
+  mbar_wait(smem_base + kBarOff + (kStages + stage) * 8, ((it >> 1) & 1) ^ 1);
+  if constexpr (trace::kProbe == trace::kProbeLoadsOnly) {  // probe: wait for the codes, store nothing
+    uint32_t x = 0;
+#pragma unroll
+    for (int j = 0; j < kF8Vecs; ++j) x ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    if (x == 0x9e3779b9u) smem[kStageOff + stage * kTileBytes] = 1;
+  } else if constexpr (trace::kProbe != trace::kProbeConsumer) {
     store_f16_tile(v, smem + kStageOff + stage * kTileBytes);
-    fence_proxy_async();  // generic stores -> read by wgmma
-    __syncwarp();
-    if ((tid & 31) == 0) mbar_arrive(bar_full0 + stage * 8);
-    cur.advance(p, sr);
-    if (cur.live) load_f8_tile(p, cur, v);
+  }
+  fence_proxy_async();  // generic stores -> read by wgmma
+  __syncwarp();
+  if ((threadIdx.x & 31) == 0) mbar_arrive(smem_base + kBarOff + stage * 8);
+}
+
+// One producer warpgroup loads every tile (kStep = 1, the 64-row consumers), or two share them
+// (kStep = 2, the transposed consumer): warpgroup `first` takes tiles first, first + 2, .., always
+// the same stage. Each holds kSets tiles of codes in registers (18 or 36 x 16 B per thread), so
+// kStep x kSets tiles are in flight per SM, and locates its next tile while they load.
+// One producer warpgroup loads every tile (kStep = 1, the 64-row consumers), or two share them
+// (kStep = 2, the transposed consumer): warpgroup `first` takes tiles first, first + 2, .., always
+// the same stage, so kStep tiles of codes are in flight per SM. Two producers locate their next
+// tile (the block-table reads) before loading the current one: the table's latency is then off
+// the loads' path (128 x 16 x 4K: 206.6 -> 186.9 us, H100 2026-11-24).
+template <int kStep>
+__device__ __forceinline__ void run_producer_fp8(const MlaDecodeSm90Params& p, const SlotRange& sr, uint8_t* smem,
+                                                 uint32_t smem_base, int first) {
+  // Measured and not kept (H100, 2026-11-24): prefetching tiles into L2 two ahead
+  // (prefetch.global.L2) made every row slower (128 x 16 x 4K: 247 -> 338 us); a second set of
+  // codes per producer (two tiles each) does not fit beside the transposed consumer's registers.
+  constexpr bool kAhead = kStep > 1;
+  F8Feed f;
+  f.cur.start(p, sr);
+  for (int i = 0; i < first && f.cur.live; ++i) f.cur.advance(p, sr);
+  f.more = f.cur.live;
+  f.started = false;
+  f.next_iter = first;
+  if (kAhead && f.more) f.loc = locate_tile(p, f.cur);
+  uint4 v[kF8Vecs];
+  uint32_t it = 0;
+  bool has;
+  take_tile<kStep, kAhead>(p, sr, f, v, it, has);
+  while (has) {
+    put_tile(smem, smem_base, v, it);
+    take_tile<kStep, kAhead>(p, sr, f, v, it, has);
   }
 }
 
 // Q as f16 (see the header): returns 2^-e for the score scale. The CTA's max |q| is reduced over
-// the 8 consumer warps through red[8]; the caller's barriers bracket this function.
+// the kWarps consumer warps (rows 0 .. 8 kWarps - 1 of block mb) through red[kWarps]; the
+// caller's barriers bracket this function.
+template <int kWarps = kConsumerWarps>
 __device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
                                             int ctid, float* red) {
   uint4 v[kQVecs];
@@ -156,9 +245,9 @@ __device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b,
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if ((ctid & 31) == 0) red[ctid >> 5] = amax;
-  named_bar_sync(kBarSeg, 256);
+  named_bar_sync(kBarSeg, 32 * kWarps);
 #pragma unroll
-  for (int w = 0; w < kConsumerWarps; ++w) amax = fmaxf(amax, red[w]);
+  for (int w = 0; w < kWarps; ++w) amax = fmaxf(amax, red[w]);
   // amax in [2^(E-127), 2^(E-126)) for its biased exponent E; e = 140 - E puts it in [2^13, 2^14).
   // E is clamped to [76, 254] so 2^e and 2^-e are normal floats (a zero or tiny Q gets 2^64).
   const int biased = min(max((__float_as_int(amax) >> 23) & 0xff, 76), 254);

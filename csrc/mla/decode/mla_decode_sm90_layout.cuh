@@ -42,6 +42,13 @@ constexpr int kConsumerRegs = 232;
 // per thread) and widens them into the stage (mla_decode_sm90_fp8.cuh).
 constexpr int kProducerRegsFp8 = 104;  // 128 x 104 + 256 x 200 = 64512
 constexpr int kConsumerRegsFp8 = 200;
+// The transposed consumer (mla_decode_sm90_transposed.cuh), one warpgroup beside two producer
+// warpgroups holding one tile of codes each: 2 x 128 x 112 + 128 x 232 = 58368 at 16 rows;
+// at 32 rows O^T takes 128 registers, 2 x 128 x 120 + 128 x 248 = 62464.
+constexpr int kProducerRegsFp8Rows16 = 112;
+constexpr int kConsumerRegsRows16 = 232;
+constexpr int kProducerRegsFp8Rows32 = 120;
+constexpr int kConsumerRegsRows32 = 248;
 // Conditional rescale: the exponent base of a row moves only when its max grows by
 // more than this (log2 units, a factor 256); P <= 2^8 then, safe in bf16 and fp32.
 constexpr float kRescaleThreshold = 8.0f;

@@ -9,6 +9,18 @@
 
 namespace tokenspeed::mla_sm90::trace {
 
+// Throughput probes of the fp8 variants' halves, compiled in only by scripts/dev/fp8_decode_probe.cu
+// (-DTS_MLA_PROBE=n; results are garbage): 1 the producers alone (the consumer releases each stage
+// as soon as it is full), 2 the consumer alone (the producers arrive without loading), 3 the
+// producers load the codes but do not widen or store them.
+#if !defined(TS_MLA_PROBE)
+#define TS_MLA_PROBE 0
+#endif
+constexpr int kProbe = TS_MLA_PROBE;
+constexpr int kProbeProducers = 1;
+constexpr int kProbeConsumer = 2;
+constexpr int kProbeLoadsOnly = 3;
+
 #if defined(TS_MLA_TRACE)
 struct PhaseClock {
   unsigned long long acc[8];
