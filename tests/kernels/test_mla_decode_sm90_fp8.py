@@ -3,9 +3,9 @@ CUDA with kv_scale) against the fp64 reference on the dequantised cache (``codes
 
 Caches from make_paged_kv: pages in random order, e4m3fn NaN bytes in every slot and page the kernel
 must not read. Tolerances: the fp8 rows of the table (the kernel widens codes to f16 exactly; Q is
-rounded to f16 after a power-of-two scale, P to f16). Every case runs under both consumers of rows
-<= 32 (the transposed one, the default, and the 64-row lockstep one). Skipped cleanly without a
-Hopper GPU.
+rounded to f16 after a power-of-two scale, P to f16). Every case runs under both consumer families
+of rows <= 32: the transposed ones (the default: register-widened over TMA stages at <= 16 rows,
+producer-widened at <= 32) and the 64-row lockstep one. Skipped cleanly without a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ SCALE = 192**-0.5
 
 @pytest.fixture(autouse=True, params=["transposed", "lockstep"])
 def consumer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """At <= 32 rows the default schedule runs the transposed consumer (variants 3 / 4) and
-    TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep the 64-row one (variant 2); above 32 rows both are
-    variant 2. Read per call."""
+    """At <= 32 rows the default schedule runs a transposed consumer (variant 5 at <= 16 rows, 4
+    above) and TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep the 64-row one (variant 2); above 32 rows
+    both are variant 2. Read per call."""
     if request.param == "lockstep":
         monkeypatch.setenv("TOKENSPEED_MLA_DECODE_SCHEDULE", "lockstep")
     else:
@@ -108,12 +108,13 @@ def test_long_sequences_are_split_over_the_sms(q_len: int, heads: int, seqlens: 
     _check(q, paged, kv_scale, what=f"seqlens={seqlens}")
 
 
+@pytest.mark.parametrize("q_len", [1, 2])
 @pytest.mark.parametrize("q_mag", [3e4, 1e-5])
-def test_query_magnitudes_outside_f16_comfort(q_mag: float, gen: torch.Generator) -> None:
+def test_query_magnitudes_outside_f16_comfort(q_mag: float, q_len: int, gen: torch.Generator) -> None:
     """Q is f16 inside the kernel, scaled by a power of two per CTA: |q| of 3e4 (f16 overflows at
     65504 once multiplied by anything) and 1e-5 (f16 subnormal) must both come out right, and an
     all-zero row next to them must not poison the scale."""
-    q, paged, kv_scale = _case(gen, [300, 1000], 16, 2, 64, q_mag=q_mag, kv_scale=1.0)
+    q, paged, kv_scale = _case(gen, [300, 1000], 16, q_len, 64, q_mag=q_mag, kv_scale=1.0)
     q[0, 0, 0] = 0.0
     _check(q, paged, kv_scale, what=f"q_mag={q_mag}")
 

@@ -1,14 +1,38 @@
-// The fp8-cache decode kernel's instantiations (mla_decode_sm90_fp8.cuh: 64-row lockstep consumers;
-// mla_decode_sm90_transposed.cuh: the small-row consumer at 16 and 32 rows) and their host-side launch
-// (no torch). Its producer reads the e4m3 codes itself (params.kv_codes), so no TMA descriptor is
-// encoded: the kernel's descriptor argument is left empty and never used.
+// The fp8-cache decode kernel's instantiations and their host-side launch (no torch):
+//   * <= 16 rows: the register-widened transposed consumers over TMA-loaded e4m3 stages
+//     (mla_decode_sm90_fp8_regs.cuh), with a TMA descriptor over the codes;
+//   * <= 32 rows: the transposed consumer over tiles the producers widen to f16
+//     (mla_decode_sm90_transposed.cuh);
+//   * more rows, or TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep: the 64-row lockstep consumers
+//     (mla_decode_sm90_fp8.cuh).
+// The last two read the codes through params.kv_codes; their descriptor argument is left empty.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include "common/sm90_host.h"
 #include "mla/decode/mla_decode_sm90.h"
 #include "mla/decode/mla_decode_sm90_launch.cuh"
 
 namespace tokenspeed::mla_sm90 {
+namespace {
+
+// The codes viewed as a 2-D [num_pages * page_size, 576] byte tensor; a box is 64 codes x
+// min(page_size, 64) tokens, 64-byte swizzled (one stage panel of variant 5, or part of one).
+cudaError_t make_fp8_map(CUtensorMap* map, const void* kv_cache, int64_t num_pages, int page_size_log2) {
+  sm90::EncodeTiledFn encode = sm90::encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const int box_rows = 1 << (page_size_log2 < 6 ? page_size_log2 : 6);
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(num_pages) << page_size_log2};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kHeadDim)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult res = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(kv_cache), dims, strides, box,
+                              elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+}  // namespace
 
 cudaError_t launch_mla_decode_sm90_fp8(const MlaDecodeSm90Params& params, const void* kv_cache,
                                        int64_t num_pages, cudaStream_t stream) {
@@ -17,12 +41,19 @@ cudaError_t launch_mla_decode_sm90_fp8(const MlaDecodeSm90Params& params, const 
   MlaDecodeSm90Params p = params;
   p.kv_codes = static_cast<const uint8_t*>(kv_cache);
   const CUtensorMap unused{};
-  // At most 32 rows: the transposed consumer (no padded rows), unless the lockstep schedule is
-  // asked for (params.schedule = 0), which runs the 64-row consumers at every row count.
+  // At most 32 rows: a transposed consumer (no padded rows): the register-widened one over TMA
+  // stages at <= 16 rows, the producer-widened one at <= 32; unless the lockstep schedule is asked
+  // for (params.schedule = 0), which runs the 64-row consumers at every row count.
   const bool transposed = p.schedule != 0 && p.rows <= 32;
-  const cudaError_t err = !transposed     ? launch_decode<dev::kVariantFp8>(unused, p, stream)
-                          : p.rows <= 16  ? launch_decode<dev::kVariantFp8Rows16>(unused, p, stream)
-                                          : launch_decode<dev::kVariantFp8Rows32>(unused, p, stream);
+  cudaError_t err;
+  if (transposed && p.rows <= 16) {
+    CUtensorMap map;
+    err = make_fp8_map(&map, kv_cache, num_pages, p.page_size_log2);
+    if (err == cudaSuccess) err = launch_decode<dev::kVariantFp8Regs16>(map, p, stream);
+  } else {
+    err = transposed ? launch_decode<dev::kVariantFp8Rows32>(unused, p, stream)
+                     : launch_decode<dev::kVariantFp8>(unused, p, stream);
+  }
   if (err != cudaSuccess) return err;
   return launch_mla_decode_sm90_combine(p, stream);
 }

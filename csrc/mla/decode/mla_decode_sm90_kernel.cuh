@@ -201,14 +201,15 @@ __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t stage_addr, i
 }
 
 // Kernel variants: the bf16 cache with the lockstep (0) or seesaw (1) consumer schedule, and the
-// fp8 cache with the 64-row lockstep consumers (2, mla_decode_sm90_fp8.cuh) or the transposed
-// consumer for at most 16 (3) or 32 (4) rows (mla_decode_sm90_transposed.cuh).
+// fp8 cache with the 64-row lockstep consumers (2, mla_decode_sm90_fp8.cuh), the transposed
+// consumer over producer-widened tiles for at most 32 rows (4, mla_decode_sm90_transposed.cuh; 3
+// was its 16-row form, replaced by 5), or the register-widened transposed consumers over TMA e4m3
+// stages for at most 16 rows (5, mla_decode_sm90_fp8_regs.cuh).
 constexpr int kVariantLockstep = 0;
 constexpr int kVariantSeesaw = 1;
 constexpr int kVariantFp8 = 2;
-constexpr int kVariantFp8Rows16 = 3;
 constexpr int kVariantFp8Rows32 = 4;
-constexpr bool is_transposed(int variant) { return variant == kVariantFp8Rows16 || variant == kVariantFp8Rows32; }
+constexpr int kVariantFp8Regs16 = 5;
 
 // Writes one row of this warpgroup's 256 output values; kE selects the row of the
 // accumulator fragment (0: row0, 2: row0 + 8).
@@ -346,6 +347,7 @@ __device__ __forceinline__ void finish_segment(const MlaDecodeSm90Params& p, con
 #include "mla/decode/mla_decode_sm90_fp8.cuh"
 #include "mla/decode/mla_decode_sm90_seesaw.cuh"
 #include "mla/decode/mla_decode_sm90_transposed.cuh"
+#include "mla/decode/mla_decode_sm90_fp8_regs.cuh"
 
 namespace tokenspeed::mla_sm90 {
 namespace dev {
@@ -505,31 +507,45 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       // full: the TMA producer's expect_tx, or one arrival per warp of an fp8 variant's producer
       // warpgroup; empty: one arrival per consumer warp
-      constexpr bool kFp8 = kVariant == dev::kVariantFp8 || dev::is_transposed(kVariant);
-      dev::mbar_init(bars + s * 8, kFp8 ? 4 : 1);
-      dev::mbar_init(bars + (kStages + s) * 8, dev::is_transposed(kVariant) ? dev::kTWarps : kConsumerWarps);
+      constexpr bool kProducerWg = kVariant == dev::kVariantFp8 || kVariant == dev::kVariantFp8Rows32;
+      dev::mbar_init(bars + s * 8, kProducerWg ? 4 : 1);
+      dev::mbar_init(bars + (kStages + s) * 8, kVariant == dev::kVariantFp8Rows32 ? dev::kTWarps : kConsumerWarps);
       for (int half = 0; half < 2; ++half) {                          // seesaw: per stage half
         dev::mbar_init(dev::half_bar(smem_base, 0, half, s), 1);
         dev::mbar_init(dev::half_bar(smem_base, 1, half, s), kConsumerWarps / 2);
       }
     }
+    if constexpr (kVariant == dev::kVariantFp8Regs16) {
+      for (int s = 0; s < dev::kRStages; ++s) {
+        dev::mbar_init(smem_base + dev::kRBarOff + s * 8, 1);                                  // full: expect_tx
+        dev::mbar_init(smem_base + dev::kRBarOff + (dev::kRStages + s) * 8, dev::kTWarps);  // empty: one consumer's warps
+      }
+    }
     dev::fence_barrier_init();
-    if constexpr (kVariant < dev::kVariantFp8) dev::prefetch_tensormap(&kv_map);
+    if constexpr (kVariant < dev::kVariantFp8 || kVariant == dev::kVariantFp8Regs16) dev::prefetch_tensormap(&kv_map);
   }
   __syncthreads();
   sr.first_b = scratch[16];
   sr.first_start = scratch[17];
   TS_MLA_TRACE_EVENT("decode", trace::kPlanDone);
 
-  if constexpr (dev::is_transposed(kVariant)) {
+  if constexpr (kVariant == dev::kVariantFp8Regs16) {
+    // one TMA thread, two consumer warpgroups on alternate tiles
+    if (tid < 128) {
+      dev::setmaxnreg_dec<kProducerRegs>();
+      if (tid == 0) dev::run_producer_fp8_tma(&kv_map, p, sr, smem_base);
+    } else {
+      dev::setmaxnreg_inc<kConsumerRegs>();
+      dev::run_consumer_r(p, sr, smem, smem_base);
+    }
+  } else if constexpr (kVariant == dev::kVariantFp8Rows32) {
     // two producer warpgroups, one stage and one tile of codes each; one consumer warpgroup
-    constexpr bool k16 = kVariant == dev::kVariantFp8Rows16;
     if (tid < 256) {
-      dev::setmaxnreg_dec<k16 ? kProducerRegsFp8Rows16 : kProducerRegsFp8Rows32>();
+      dev::setmaxnreg_dec<kProducerRegsFp8Rows32>();
       dev::run_producer_fp8<2>(p, sr, smem, smem_base, tid >> 7);
     } else {
-      dev::setmaxnreg_inc<k16 ? kConsumerRegsRows16 : kConsumerRegsRows32>();
-      dev::run_consumer_t<k16 ? 16 : 32>(p, sr, smem, smem_base);
+      dev::setmaxnreg_inc<kConsumerRegsRows32>();
+      dev::run_consumer_t<32>(p, sr, smem, smem_base);
     }
   } else if constexpr (kVariant == dev::kVariantFp8) {
     if (tid < 128) {

@@ -42,11 +42,9 @@ constexpr int kConsumerRegs = 232;
 // per thread) and widens them into the stage (mla_decode_sm90_fp8.cuh).
 constexpr int kProducerRegsFp8 = 104;  // 128 x 104 + 256 x 200 = 64512
 constexpr int kConsumerRegsFp8 = 200;
-// The transposed consumer (mla_decode_sm90_transposed.cuh), one warpgroup beside two producer
-// warpgroups holding one tile of codes each: 2 x 128 x 112 + 128 x 232 = 58368 at 16 rows;
-// at 32 rows O^T takes 128 registers, 2 x 128 x 120 + 128 x 248 = 62464.
-constexpr int kProducerRegsFp8Rows16 = 112;
-constexpr int kConsumerRegsRows16 = 232;
+// The transposed consumer at <= 32 rows (mla_decode_sm90_transposed.cuh): one warpgroup (O^T
+// takes 128 registers) beside two producer warpgroups holding one tile of codes each,
+// 2 x 128 x 120 + 128 x 248 = 62464.
 constexpr int kProducerRegsFp8Rows32 = 120;
 constexpr int kConsumerRegsRows32 = 248;
 // Conditional rescale: the exponent base of a row moves only when its max grows by
@@ -62,5 +60,11 @@ constexpr int kBarEpi = 4;    // both consumer WGs: row sums exchanged
 constexpr int kBarWg = 5;     // 5 + w: one consumer WG (tail rows zeroed)
 constexpr int kBarA = 7;      // seesaw: WG0 -> WG1, tile a's base and P are in smem
 constexpr int kBarB = 8;      // seesaw: WG1 -> WG0, tile b's base and P are in smem
+// fp8 variant 5 (mla_decode_sm90_fp8_regs.cuh): consumer WG1 keeps kBarMax / kBarP / kBarEpi,
+// WG2 uses these; kBarMerge: both, the segment's two halves merged.
+constexpr int kBarMax2 = 9;
+constexpr int kBarP2 = 10;
+constexpr int kBarEpi2 = 11;
+constexpr int kBarMerge = 12;
 
 }  // namespace tokenspeed::mla_sm90

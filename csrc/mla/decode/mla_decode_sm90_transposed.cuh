@@ -1,6 +1,7 @@
-// The transposed small-row consumer of the Hopper MLA decode (kernel variants 3 and 4: an fp8
-// cache with at most 16 or 32 query rows); included by mla_decode_sm90_kernel.cuh after the
-// helpers it shares (qk_off, pv_off_v / pv_off_p, row_limit, load_q_f16).
+// The transposed small-row consumer of the Hopper MLA decode (kernel variant 4: an fp8 cache with
+// at most 32 query rows; at <= 16 rows the register-widened variant 5 replaced its 16-row form,
+// mla_decode_sm90_fp8_regs.cuh, which shares softmax_t); included by mla_decode_sm90_kernel.cuh
+// after the helpers it uses (qk_off, pv_off_v / pv_off_p, row_limit, load_q_f16).
 //
 // With 16 rows (16 heads, q_len 1) a 64-row wgmma tile is three quarters padding, and the
 // padded tensor work (~2.7 us per 64-key tile for the two lockstep consumers) is slower than
@@ -100,12 +101,12 @@ __device__ __forceinline__ void fence_o(float (&o)[kDimBlocks][kN / 2]) {
 // One tile of the online softmax down the columns of S^T: scale to the log2 domain, mask, the
 // column maxima (quad lanes, then the 4 warps through mbuf), the conditional rescale of O^T and
 // the sums, P = exp2(S - base) written as P [rows][64 keys] over the rope panel, and the barrier
-// after which the whole P is in smem.
+// after which the whole P is in smem. bar_max / bar_p: the warpgroup's own named barriers.
 template <MmaType kT, int kN>
 __device__ __forceinline__ void softmax_t(float (&s)[kN / 2], float (&o)[kDimBlocks][kN / 2], float scale,
                                           int key0, bool masked, const int (&lim)[kN / 4], float* mbuf,
                                           uint8_t* p_panel, int warp, int lane, int quad, float (&m)[kN / 4],
-                                          float (&l)[kN / 4]) {
+                                          float (&l)[kN / 4], int bar_max = kBarMax, int bar_p = kBarP) {
   constexpr int kC = kN / 4;
   const float ninf = neg_inf();
   const int kr = 16 * warp + (lane >> 2);  // this thread's keys of the tile: kr and kr + 8
@@ -136,7 +137,7 @@ __device__ __forceinline__ void softmax_t(float (&s)[kN / 2], float (&o)[kDimBlo
   }
   // One buffer is enough: every read of this tile's maxima precedes the kBarP barrier below,
   // every write of the next tile's follows it.
-  named_bar_sync(kBarMax, 32 * kTWarps);
+  named_bar_sync(bar_max, 32 * kTWarps);
   float alpha[kC];
   bool moved = false;
 #pragma unroll
@@ -173,7 +174,7 @@ __device__ __forceinline__ void softmax_t(float (&s)[kN / 2], float (&o)[kDimBlo
     }
   }
   fence_proxy_async();  // P stores -> read by wgmma
-  named_bar_sync(kBarP, 32 * kTWarps);
+  named_bar_sync(bar_p, 32 * kTWarps);
 }
 
 // The end of a segment: the row sums (quad lanes, then the 4 warps through ssum), then the final

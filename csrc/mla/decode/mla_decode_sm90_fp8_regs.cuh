@@ -1,0 +1,459 @@
+// The register-widened transposed consumers of the Hopper MLA decode (kernel variant 5: an fp8
+// cache with at most 16 query rows); included by mla_decode_sm90_kernel.cuh after the transposed
+// consumer, whose softmax step (softmax_t) it shares.
+//
+// The transposed consumer over producer-widened f16 tiles (variant 4; variant 3 was its 16-row
+// form) is load-bound: the producers' registers hold two 36 KB tiles of codes per SM, at that depth
+// the loads reach ~2.3 TB/s (scripts/dev/fp8_decode_probe.cu), and f16 stages leave no shared
+// memory for more. Here the tiles stay e4m3 in shared memory: one TMA thread streams 36 KB stages
+// (4 in flight: the bf16 kernel's depth in bytes), and the consumers widen the codes in registers,
+// where wgmma takes its A operand:
+//   S^T [64 keys x 16] = K Q^T    m64n16k16, A = K from ldmatrix + cvt, B = Q (f16, smem)
+//   O^T [512 x 16]    += V^T P^T  8 blocks of m64n16k16, A = V^T from 16-byte loads, byte
+//                                 permutes + cvt, B = P [16 rows x 64 keys] (f16, smem)
+// Two consumer warpgroups take alternate tiles, each with its own online softmax state (one's
+// widening and softmax overlap the other's wgmma); the segment's end merges them.
+// A fragments come as they are cheapest to build and the other operand follows:
+//   * QK: a thread's 4 consecutive codes (dims 4q .. 4q + 3 of a 16-dim k-step, q = lane % 4)
+//     widen to k = 2q, 2q + 1 and 2q + 8, 2q + 9 of the fragment, so Q is stored with that
+//     permutation inside every 16-dim block (load_q_perm);
+//   * PV: the M rows of block b are value dims 16 g + 2 b and + 1 for thread group g = 8 warp +
+//     lane / 4, so a thread reads 16 consecutive dims of a key in one 16-byte load and its 16
+//     output dims are consecutive; the keys keep their order (P is stored as the softmax writes it).
+// Stage layout: 9 panels of [64 keys][64 codes], 64-byte swizzle (TMA's SWIZZLE_64B: 16-byte chunk
+// c of key row k at chunk c ^ ((k / 2) % 4)), which keeps both access patterns conflict-free.
+// Keys past the sequence hold stale bytes (NaN codes included): their scores are masked and their
+// V rows are replaced by zeros before widening (load_v_rows).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "common/sm90_ptx.cuh"
+#include "mla/decode/mla_decode_sm90.h"
+#include "mla/decode/mla_decode_sm90_layout.cuh"
+#include "mla/decode/mla_decode_sm90_schedule.cuh"
+
+namespace tokenspeed::mla_sm90::dev {
+
+// ---- layout (inside the shared layout's Q and stage regions, below kMaxOff) ----
+constexpr int kRPanelBytes = 64 * 64;               // [64 keys][64 codes]
+constexpr int kRStageBytes = kPanels * kRPanelBytes;  // 36864
+// Even, so stage s is always read by consumer warpgroup s % 2 (tiles alternate between them):
+// a warpgroup's waits on a stage's barriers are then never two phases apart.
+constexpr int kRStages = 4;
+constexpr int kRQPanelBytes = 16 * 128;             // Q: [16 rows][64 dims] f16, 128-byte swizzle
+constexpr int kRQOff = 0;                           // 9 panels
+constexpr int kRPOff = kRQOff + kPanels * kRQPanelBytes;  // P of consumer w: [16 rows][64 keys] f16 at + w * 2 KB
+constexpr int kRStageOff = kRPOff + 2 * 16 * 128;
+constexpr int kRBarOff = kRStageOff + kRStages * kRStageBytes;  // uint64 full[4], empty[4]
+constexpr int kRMergeOff = kRBarOff + 1024;  // the second consumer's O^T fragments (32 KB), then its m, l
+constexpr int kRMergeBytes = 128 * 64 * 4;
+constexpr int kRSum2Off = kRMergeOff + kRMergeBytes + 2 * 16 * 4;  // the second consumer's row-sum exchange
+static_assert(kRSum2Off + kTWarps * kTStride * 4 <= kMaxOff, "variant 5 layout overlaps the shared exchange buffers");
+static_assert(kRStageOff % 1024 == 0 && kRPOff % 1024 == 0, "swizzle atoms need their alignment");
+
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t pair16) {
+  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair16), __NV_E4M3);
+  return static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// D[64 x 16] (+)= A[64 x 16] B[16 x 16]^T, A f16 from registers, B f16 K-major in smem (desc_b +
+// kOffB 16-byte units, added inside the asm).
+template <int kOffB>
+__device__ __forceinline__ void wgmma_m64n16k16_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 db;\n"
+      "setp.ne.b32 p, %13, 0;\n"
+      "add.s64 db, %12, %14;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, db, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kOffB));
+}
+
+// Q rows 0 .. 15 as f16 after the power-of-two scale (load_q_f16's), each 16-dim block stored
+// with the QK fragment's permutation: logical k 2i + e <- dim 4i + e, k 8 + 2i + e <- dim 4i + 2 + e
+// (i < 4). Thread (row n = ctid / 4, part) moves blocks part + 4 j (j < 9) of its row; the 256
+// consumer threads cover rows 0 .. 63 (rows >= 16 are zero: p.rows <= 16). Returns 2^-e.
+__device__ __forceinline__ float load_q_perm(const MlaDecodeSm90Params& p, int b, uint8_t* q_smem, int ctid,
+                                             float* red) {
+  const int n = ctid >> 2, part = ctid & 3;
+  const bool real = n < p.rows;
+  uint4 v[18];
+  const uint4* src = nullptr;
+  if (real) {
+    const int i = n / p.heads, h = n - i * p.heads;
+    src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b +
+                                         i * p.q_stride_i + h * p.q_stride_h);
+  }
+#pragma unroll
+  for (int j = 0; j < 9; ++j) {
+    const int m = part + 4 * j;  // 16-dim block
+    v[2 * j] = real ? __ldg(src + 2 * m) : make_uint4(0u, 0u, 0u, 0u);
+    v[2 * j + 1] = real ? __ldg(src + 2 * m + 1) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  __nv_bfloat162 mx2 = __float2bfloat162_rn(0.f);
+#pragma unroll
+  for (int k = 0; k < 18; ++k) {
+    const uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mx2 = __hmax2(mx2, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&words[i])));
+  }
+  float amax = fmaxf(__low2float(mx2), __high2float(mx2));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((ctid & 31) == 0) red[ctid >> 5] = amax;
+  named_bar_sync(kBarSeg, 256);
+#pragma unroll
+  for (int w = 0; w < 8; ++w) amax = fmaxf(amax, red[w]);
+  const int biased = min(max((__float_as_int(amax) >> 23) & 0xff, 76), 254);
+  const float up = __int_as_float((267 - biased) << 23);
+  const float down = __int_as_float((biased - 13) << 23);
+  if (n >= 16) return down;
+#pragma unroll
+  for (int j = 0; j < 9; ++j) {
+    uint32_t w[8] = {v[2 * j].x, v[2 * j].y, v[2 * j].z, v[2 * j].w,
+                     v[2 * j + 1].x, v[2 * j + 1].y, v[2 * j + 1].z, v[2 * j + 1].w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+      const __half2 h = __floats2half2_rn(f.x * up, f.y * up);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    // word i holds dims 2i, 2i + 1: logical words 0..3 <- 0, 2, 4, 6 and 4..7 <- 1, 3, 5, 7
+    const int m = part + 4 * j;
+    uint8_t* row = q_smem + (m >> 2) * kRQPanelBytes + n * 128;
+    const int c0 = 2 * (m & 3);
+    *reinterpret_cast<uint4*>(row + ((c0 ^ (n & 7)) << 4)) = make_uint4(w[0], w[2], w[4], w[6]);
+    *reinterpret_cast<uint4*>(row + (((c0 + 1) ^ (n & 7)) << 4)) = make_uint4(w[1], w[3], w[5], w[7]);
+  }
+  return down;
+}
+
+// The producer thread: TMA loads of e4m3 tiles (9 panels of 64 codes, boxes of min(page, 64)
+// keys) into the stage ring.
+__device__ __forceinline__ void run_producer_fp8_tma(const CUtensorMap* kv_map, const MlaDecodeSm90Params& p,
+                                                     const SlotRange& sr, uint32_t smem_base) {
+  const int ps_log2 = p.page_size_log2;
+  const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;
+  const uint32_t box_bytes = (1u << box_log2) * 64u;
+  const uint32_t bar_full0 = smem_base + kRBarOff;
+  const uint32_t bar_empty0 = bar_full0 + kRStages * 8;
+  SegIter it{sr.first_b, sr.first_start};
+  Segment seg;
+  uint32_t iter = 0;
+  while (next_segment(p, sr, it, seg)) {
+    const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
+    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
+      const uint32_t stage = iter % kRStages;
+      const TileBoxes tb = tile_boxes(table, t * kBlockN, seg.len, ps_log2, box_log2);
+      mbar_wait(bar_empty0 + stage * 8, ((iter / kRStages) & 1) ^ 1);
+      const uint32_t full = bar_full0 + stage * 8;
+      mbar_arrive_expect_tx(full, static_cast<uint32_t>(tb.boxes) * kPanels * box_bytes);
+      const uint32_t dst = smem_base + kRStageOff + stage * kRStageBytes;
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        if (x < tb.boxes) {
+#pragma unroll
+          for (int c = 0; c < kPanels; ++c) {
+            tma_load_2d(dst + c * kRPanelBytes + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
+          }
+        }
+      }
+    }
+  }
+}
+
+// QK^T over panel kG (dims 64 kG ..): the A fragments of its 4 k-steps from two ldmatrix.x4
+// (rows key, key + 8; chunks 0, 1 then 2, 3), widened; 4 wgmma (one group).
+template <int kG>
+__device__ __forceinline__ void qk_r_panel(float (&s)[8], uint32_t (&a)[16], uint32_t stage_addr,
+                                           uint32_t lm_off0, uint32_t lm_off1, uint64_t dq) {
+  uint32_t m01[4], m23[4];
+  ldmatrix_x4(stage_addr + kG * kRPanelBytes + lm_off0, m01);
+  ldmatrix_x4(stage_addr + kG * kRPanelBytes + lm_off1, m23);
+  wgmma_wait<1>();  // the group that used this buffer (two groups ago) has retired
+  const uint32_t w[8] = {m01[0], m01[1], m01[2], m01[3], m23[0], m23[1], m23[2], m23[3]};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    // w[2c]: row key, chunk c; w[2c + 1]: row key + 8 (ldmatrix matrices 0..3 = (c0,r) (c0,r8) (c1,r) (c1,r8))
+    const uint32_t lo = w[2 * c], hi = w[2 * c + 1];
+    a[4 * c + 0] = e4m3x2_to_f16x2(lo & 0xffffu);
+    a[4 * c + 1] = e4m3x2_to_f16x2(hi & 0xffffu);
+    a[4 * c + 2] = e4m3x2_to_f16x2(lo >> 16);
+    a[4 * c + 3] = e4m3x2_to_f16x2(hi >> 16);
+  }
+  wgmma_fence();
+  wgmma_m64n16k16_rs<(kG * kRQPanelBytes) / 16 + 0>(s, reinterpret_cast<const uint32_t(&)[4]>(a[0]), dq, kG > 0 ? 1 : 0);
+  wgmma_m64n16k16_rs<(kG * kRQPanelBytes) / 16 + 2>(s, reinterpret_cast<const uint32_t(&)[4]>(a[4]), dq, 1);
+  wgmma_m64n16k16_rs<(kG * kRQPanelBytes) / 16 + 4>(s, reinterpret_cast<const uint32_t(&)[4]>(a[8]), dq, 1);
+  wgmma_m64n16k16_rs<(kG * kRQPanelBytes) / 16 + 6>(s, reinterpret_cast<const uint32_t(&)[4]>(a[12]), dq, 1);
+  wgmma_commit();
+}
+
+template <int... kG>
+__device__ __forceinline__ void qk_r(float (&s)[8], uint32_t (&a0)[16], uint32_t (&a1)[16], uint32_t stage_addr,
+                                     uint32_t lm_off0, uint32_t lm_off1, uint64_t dq, std::integer_sequence<int, kG...>) {
+  ((kG % 2 == 0 ? qk_r_panel<kG>(s, a0, stage_addr, lm_off0, lm_off1, dq)
+                : qk_r_panel<kG>(s, a1, stage_addr, lm_off0, lm_off1, dq)),
+   ...);
+}
+
+// Bytes s, s + 1 of x (a key's codes of dims d, d + 1) and of y (the next key's) -> the two f16x2
+// A registers (d: keys x, y) and (d + 1: keys x, y).
+template <int kS>
+__device__ __forceinline__ void pair_keys(uint32_t x, uint32_t y, uint32_t& r0, uint32_t& r1) {
+  constexpr uint32_t sel = kS | ((4 + kS) << 4) | ((kS + 1) << 8) | ((5 + kS) << 12);
+  uint32_t t;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(t) : "r"(x), "r"(y), "n"(sel));
+  r0 = e4m3x2_to_f16x2(t & 0xffffu);
+  r1 = e4m3x2_to_f16x2(t >> 16);
+}
+
+// O^T blocks 4 kH .. 4 kH + 3, k-step kK: A from the four keys' 16-byte rows (v), one group.
+template <int kK, int kH>
+__device__ __forceinline__ void pv_r_group(float (&o)[kDimBlocks][8], uint32_t (&a)[16], const uint4 (&v)[4],
+                                           uint64_t dp) {
+  wgmma_wait<1>();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int blk = 4 * kH + i;  // dims 16 g + 2 blk, + 1: byte 2 blk of the row, word blk / 2
+    const uint32_t w0 = blk / 2 == 0 ? v[0].x : blk / 2 == 1 ? v[0].y : blk / 2 == 2 ? v[0].z : v[0].w;
+    const uint32_t w1 = blk / 2 == 0 ? v[1].x : blk / 2 == 1 ? v[1].y : blk / 2 == 2 ? v[1].z : v[1].w;
+    const uint32_t w2 = blk / 2 == 0 ? v[2].x : blk / 2 == 1 ? v[2].y : blk / 2 == 2 ? v[2].z : v[2].w;
+    const uint32_t w3 = blk / 2 == 0 ? v[3].x : blk / 2 == 1 ? v[3].y : blk / 2 == 2 ? v[3].z : v[3].w;
+    if (blk % 2 == 0) {
+      pair_keys<0>(w0, w1, a[4 * i + 0], a[4 * i + 1]);
+      pair_keys<0>(w2, w3, a[4 * i + 2], a[4 * i + 3]);
+    } else {
+      pair_keys<2>(w0, w1, a[4 * i + 0], a[4 * i + 1]);
+      pair_keys<2>(w2, w3, a[4 * i + 2], a[4 * i + 3]);
+    }
+  }
+  wgmma_fence();
+  wgmma_m64n16k16_rs<pv_off_p(kK)>(o[4 * kH + 0], reinterpret_cast<const uint32_t(&)[4]>(a[0]), dp, 1);
+  wgmma_m64n16k16_rs<pv_off_p(kK)>(o[4 * kH + 1], reinterpret_cast<const uint32_t(&)[4]>(a[4]), dp, 1);
+  wgmma_m64n16k16_rs<pv_off_p(kK)>(o[4 * kH + 2], reinterpret_cast<const uint32_t(&)[4]>(a[8]), dp, 1);
+  wgmma_m64n16k16_rs<pv_off_p(kK)>(o[4 * kH + 3], reinterpret_cast<const uint32_t(&)[4]>(a[12]), dp, 1);
+  wgmma_commit();
+}
+
+// The four keys 16 kK + 2 q + {0, 1, 8, 9} of k-step kK, dims 16 g .. 16 g + 15 (zeros past valid).
+template <int kK>
+__device__ __forceinline__ void load_v_rows(const uint8_t* stage, int g, int quad, int valid, uint4 (&v)[4]) {
+  const uint8_t* panel = stage + (g >> 2) * kRPanelBytes;
+  const int chunk = g & 3;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int key = 16 * kK + 2 * quad + (i & 1) + 8 * (i >> 1);
+    const uint4 x = *reinterpret_cast<const uint4*>(panel + key * 64 + ((chunk ^ ((key >> 1) & 3)) << 4));
+    v[i] = key < valid ? x : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+template <int kK>
+__device__ __forceinline__ void pv_r_kstep(float (&o)[kDimBlocks][8], uint32_t (&a0)[16], uint32_t (&a1)[16],
+                                           const uint8_t* stage, int g, int quad, int valid, uint64_t dp) {
+  uint4 v[4];
+  load_v_rows<kK>(stage, g, quad, valid, v);
+  pv_r_group<kK, 0>(o, a0, v, dp);
+  pv_r_group<kK, 1>(o, a1, v, dp);
+}
+
+// This warpgroup's row sums over its tiles: per thread part -> quad lanes -> 4 warps (ssum, its
+// barrier); l[c] becomes column c's total.
+__device__ __forceinline__ void column_sums(float (&l)[4], float* ssum, int bar, int warp, int lane, int quad) {
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) l[c] += __shfl_xor_sync(0xffffffffu, l[c], off);
+  }
+  if (lane < 4) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) ssum[warp * kTStride + t_row(c, quad)] = l[c];
+  }
+  named_bar_sync(bar, 128);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int n = t_row(c, quad);
+    l[c] = (ssum[n] + ssum[kTStride + n]) + (ssum[2 * kTStride + n] + ssum[3 * kTStride + n]);
+  }
+}
+
+// The end of a segment. The two consumers hold the online softmax of alternate tiles: the
+// second writes its O^T fragments and (base, sum) per row to smem, the first merges them into
+// its own and stores the rows (bf16 out and lse when this CTA had the whole sequence, else a
+// normalised fp32 partial). A thread holds dims 16 g .. 16 g + 15 of each of its columns:
+// o[b][i] -> dim 16 g + 2 b, o[b][i + 2] -> + 1.
+__device__ __forceinline__ void finish_segment_r(const MlaDecodeSm90Params& p, const SlotRange& sr,
+                                                 const Segment& seg, float (&o)[kDimBlocks][8], float (&m)[4],
+                                                 float (&l)[4], float out_scale, uint8_t* smem, int w, int wtid) {
+  const int warp = wtid >> 5, lane = wtid & 31, quad = lane & 3;
+  float* ssum = reinterpret_cast<float*>(smem + (w == 0 ? kSumOff : kRSum2Off));
+  column_sums(l, ssum, w == 0 ? kBarEpi : kBarEpi2, warp, lane, quad);
+  float* merge_o = reinterpret_cast<float*>(smem + kRMergeOff);
+  float* merge_ml = merge_o + 128 * 64;  // m[16], l[16]
+  if (w == 1) {
+#pragma unroll
+    for (int b = 0; b < kDimBlocks; ++b) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) merge_o[(8 * b + i) * 128 + wtid] = o[b][i];
+    }
+    if (warp == 0 && lane < 4) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        merge_ml[t_row(c, quad)] = m[c];
+        merge_ml[16 + t_row(c, quad)] = l[c];
+      }
+    }
+    named_bar_sync(kBarMerge, 256);
+    return;
+  }
+  named_bar_sync(kBarMerge, 256);
+  const float ninf = neg_inf();
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int n = t_row(c, quad);
+    const float m1 = merge_ml[n], l1 = merge_ml[16 + n];
+    const float top = fmaxf(m[c], m1);
+    const float f0 = m[c] == ninf ? 0.f : exp2_approx(m[c] - top);
+    const float f1 = m1 == ninf ? 0.f : exp2_approx(m1 - top);
+    const int i = 4 * (c >> 1) + (c & 1);
+#pragma unroll
+    for (int b = 0; b < kDimBlocks; ++b) {
+      o[b][i] = o[b][i] * f0 + merge_o[(8 * b + i) * 128 + wtid] * f1;
+      o[b][i + 2] = o[b][i + 2] * f0 + merge_o[(8 * b + i + 2) * 128 + wtid] * f1;
+    }
+    l[c] = l[c] * f0 + l1 * f1;
+    m[c] = top;
+  }
+  const int g = 8 * warp + (lane >> 2);
+  const bool whole = seg.t0 == 0 && seg.t1 == seg.tiles;
+  const int64_t first_row =
+      whole ? static_cast<int64_t>(seg.b) * p.rows
+            : static_cast<int64_t>(partial_index(sr.slot, seg.start, sr.per_slot)) * p.rows;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int n = t_row(c, quad);
+    if (n >= p.rows) continue;
+    // A row that saw no key: l = 0 -> out 0, lse -inf.
+    const float inv = l[c] > 0.f ? out_scale / l[c] : 0.f;
+    const float lse = l[c] > 0.f ? (m[c] + __log2f(l[c])) * kLn2 : ninf;
+    const int i = 4 * (c >> 1) + (c & 1);
+    const int64_t at = (first_row + n) * kHeadDimV + 16 * g;
+    if (whole) {
+      uint32_t u[8];
+#pragma unroll
+      for (int b = 0; b < kDimBlocks; ++b) u[b] = pack_bf16x2(o[b][i] * inv, o[b][i + 2] * inv);
+      uint4* out = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + at);
+      out[0] = make_uint4(u[0], u[1], u[2], u[3]);
+      out[1] = make_uint4(u[4], u[5], u[6], u[7]);
+      if (warp == 0 && lane < 4) p.lse[first_row + n] = lse;
+    } else {
+      float4* out = reinterpret_cast<float4*>(p.ws_out + at);
+#pragma unroll
+      for (int b = 0; b < kDimBlocks; b += 2) {
+        out[b / 2] = make_float4(o[b][i] * inv, o[b][i + 2] * inv, o[b + 1][i] * inv, o[b + 1][i + 2] * inv);
+      }
+      if (warp == 0 && lane < 4) p.ws_lse[first_row + n] = lse;
+    }
+  }
+}
+
+// The two consumer warpgroups (threads 128 .. 383): consumer w takes the tiles of every segment
+// whose position in the CTA's tile order is w mod 2 (so stages w, w + 2), with its own online
+// softmax state; finish_segment_r merges the two.
+__device__ __forceinline__ void run_consumer_r(const MlaDecodeSm90Params& p, const SlotRange& sr, uint8_t* smem,
+                                               uint32_t smem_base) {
+  constexpr MmaType kT = MmaType::kF16;
+  const int ctid = threadIdx.x - 128;  // 0 .. 255
+  const int w = ctid >> 7, wtid = ctid & 127;
+  const int warp = wtid >> 5, lane = wtid & 31, quad = lane & 3;
+  const int g = 8 * warp + (lane >> 2);
+  const uint32_t bar_full0 = smem_base + kRBarOff;
+  const uint32_t bar_empty0 = bar_full0 + kRStages * 8;
+  float* smax = reinterpret_cast<float*>(smem + kMaxOff) + w * kTWarps * kTStride;
+  const int bar_max = w == 0 ? kBarMax : kBarMax2;
+  const int bar_p = w == 0 ? kBarP : kBarP2;
+  uint8_t* p_panel = smem + kRPOff + w * 16 * 128;
+  const float ninf = neg_inf();
+  const float kv_scale = __ldg(p.kv_scale);
+  const uint64_t dq = desc_k_sw128(smem_base + kRQOff);
+  const uint64_t dp = desc_k_sw128(smem_base + kRPOff + w * 16 * 128);
+  // ldmatrix row addresses (within a panel): lane l gives row 16 warp + 8 ((l / 8) % 2) + l % 8 of
+  // matrix l / 8, chunk (l / 16) (+ 2 for the second load), swizzled.
+  const int lm_key = 16 * warp + 8 * ((lane >> 3) & 1) + (lane & 7);
+  const uint32_t lm_off0 = lm_key * 64 + (((lane >> 4) ^ ((lm_key >> 1) & 3)) << 4);
+  const uint32_t lm_off1 = lm_key * 64 + ((((lane >> 4) + 2) ^ ((lm_key >> 1) & 3)) << 4);
+
+  float o[kDimBlocks][8];
+  float s[8];
+  uint32_t a0[16], a1[16];
+  SegIter it{sr.first_b, sr.first_start};
+  Segment seg;
+  uint32_t iter = 0;
+  while (next_segment(p, sr, it, seg)) {
+    named_bar_sync(kBarSeg, 256);  // both consumers are done with the previous segment
+    const float scale = p.scale_log2 * kv_scale *
+                        load_q_perm(p, seg.b, smem + kRQOff, ctid, reinterpret_cast<float*>(smem + kSumOff));
+    fence_proxy_async();
+    named_bar_sync(kBarSeg, 256);
+
+    int lim[4];
+    float m[4], l[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      lim[c] = row_limit(p, seg.len, t_row(c, quad));
+      m[c] = ninf;
+      l[c] = 0.f;
+    }
+    const int mask_from = seg.len - (p.causal ? p.q_len - 1 : 0);
+#pragma unroll
+    for (int b = 0; b < kDimBlocks; ++b) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[b][i] = 0.f;
+    }
+    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
+      if (static_cast<int>(iter & 1) != w) continue;
+      const uint32_t stage = iter % kRStages;
+      const uint32_t stage_addr = smem_base + kRStageOff + stage * kRStageBytes;
+      const uint8_t* stage_ptr = smem + kRStageOff + stage * kRStageBytes;
+      mbar_wait(bar_full0 + stage * 8, (iter / kRStages) & 1);
+      qk_r(s, a0, a1, stage_addr, lm_off0, lm_off1, dq, std::make_integer_sequence<int, kPanels>{});
+      wgmma_wait<0>();
+      fence_regs(s);
+      softmax_t<kT, 16>(s, o, scale, t * kBlockN, t * kBlockN + kBlockN > mask_from, lim, smax, p_panel, warp, lane,
+                        quad, m, l, bar_max, bar_p);
+      const int valid = seg.len - t * kBlockN;
+      pv_r_kstep<0>(o, a0, a1, stage_ptr, g, quad, valid, dp);
+      pv_r_kstep<1>(o, a0, a1, stage_ptr, g, quad, valid, dp);
+      pv_r_kstep<2>(o, a0, a1, stage_ptr, g, quad, valid, dp);
+      pv_r_kstep<3>(o, a0, a1, stage_ptr, g, quad, valid, dp);
+      // Every read of this stage is in registers now (the last group's A was built from it).
+      // Measured and not kept (H100, 2026-11-24): reading the V rows right after QK^T and
+      // releasing the stage before the softmax (64 more live registers): 128 x 16 x 4K 116.7 -> 124.1 us.
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0 + stage * 8);
+      // PV retired before the next tile: with it in flight across the loop ptxas serialises every
+      // wgmma (C7514, the softmax's reads of O); the other consumer fills the tensor cores meanwhile.
+      wgmma_wait<0>();
+      fence_o<16>(o);
+    }
+    finish_segment_r(p, sr, seg, o, m, l, kv_scale, smem, w, wtid);
+  }
+}
+
+}  // namespace tokenspeed::mla_sm90::dev
