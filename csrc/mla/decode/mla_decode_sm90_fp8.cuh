@@ -226,17 +226,14 @@ __device__ __forceinline__ void run_producer_fp8(const MlaDecodeSm90Params& p, c
   }
 }
 
-// Q as f16 (see the header): returns 2^-e for the score scale. The CTA's max |q| is reduced over
-// the kWarps consumer warps (rows 0 .. 8 kWarps - 1 of block mb) through red[kWarps]; the
-// caller's barriers bracket this function.
-template <int kWarps = kConsumerWarps>
-__device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
-                                            int ctid, float* red) {
-  uint4 v[kQVecs];
-  load_q_vectors(p, b, mb, ctid, v);
+// The power-of-two scale that makes Q f16 (see the header): the CTA's max |q| over the vectors v
+// (bf16) of kWarps consumer warps, reduced through red[kWarps] (named barrier kBarSeg; the
+// caller's barriers bracket it). Returns {2^e, 2^-e}: amax * 2^e lies in [2^13, 2^14).
+template <int kWarps, int kVecs>
+__device__ __forceinline__ float2 q_f16_scale(const uint4 (&v)[kVecs], int ctid, float* red) {
   __nv_bfloat162 mx2 = __float2bfloat162_rn(0.f);
 #pragma unroll
-  for (int k = 0; k < kQVecs; ++k) {
+  for (int k = 0; k < kVecs; ++k) {
     const uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) mx2 = __hmax2(mx2, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&words[i])));
@@ -251,21 +248,31 @@ __device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b,
   // amax in [2^(E-127), 2^(E-126)) for its biased exponent E; e = 140 - E puts it in [2^13, 2^14).
   // E is clamped to [76, 254] so 2^e and 2^-e are normal floats (a zero or tiny Q gets 2^64).
   const int biased = min(max((__float_as_int(amax) >> 23) & 0xff, 76), 254);
-  const float up = __int_as_float((267 - biased) << 23);
-  const float down = __int_as_float((biased - 13) << 23);
+  return make_float2(__int_as_float((267 - biased) << 23), __int_as_float((biased - 13) << 23));
+}
+
+// Two bf16 of Q times 2^e, as two f16.
+__device__ __forceinline__ uint32_t bf16x2_to_f16x2_scaled(uint32_t word, float up) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&word));
+  const __half2 h = __floats2half2_rn(f.x * up, f.y * up);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Q as f16 (rows 0 .. 8 kWarps - 1 of block mb, the bf16 kernel's panel layout): returns 2^-e for
+// the score scale.
+template <int kWarps = kConsumerWarps>
+__device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
+                                            int ctid, float* red) {
+  uint4 v[kQVecs];
+  load_q_vectors(p, b, mb, ctid, v);
+  const float2 scale = q_f16_scale<kWarps>(v, ctid, red);
 #pragma unroll
   for (int k = 0; k < kQVecs; ++k) {
-    uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
-      const __half2 h = __floats2half2_rn(f.x * up, f.y * up);
-      words[i] = *reinterpret_cast<const uint32_t*>(&h);
-    }
-    v[k] = make_uint4(words[0], words[1], words[2], words[3]);
+    v[k] = make_uint4(bf16x2_to_f16x2_scaled(v[k].x, scale.x), bf16x2_to_f16x2_scaled(v[k].y, scale.x),
+                      bf16x2_to_f16x2_scaled(v[k].z, scale.x), bf16x2_to_f16x2_scaled(v[k].w, scale.x));
   }
   store_q_vectors(q_smem, ctid, v);
-  return down;
+  return scale.y;
 }
 
 }  // namespace tokenspeed::mla_sm90::dev

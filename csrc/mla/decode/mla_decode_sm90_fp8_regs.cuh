@@ -84,7 +84,7 @@ __device__ __forceinline__ void wgmma_m64n16k16_rs(float (&d)[8], const uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(kOffB));
 }
 
-// Q rows 0 .. 15 as f16 after the power-of-two scale (load_q_f16's), each 16-dim block stored
+// Q rows 0 .. 15 as f16 after the power-of-two scale (q_f16_scale), each 16-dim block stored
 // with the QK fragment's permutation: logical k 2i + e <- dim 4i + e, k 8 + 2i + e <- dim 4i + 2 + e
 // (i < 4). Thread (row n = ctid / 4, part) moves blocks part + 4 j (j < 9) of its row; the 256
 // consumer threads cover rows 0 .. 63 (rows >= 16 are zero: p.rows <= 16). Returns 2^-e.
@@ -105,34 +105,15 @@ __device__ __forceinline__ float load_q_perm(const MlaDecodeSm90Params& p, int b
     v[2 * j] = real ? __ldg(src + 2 * m) : make_uint4(0u, 0u, 0u, 0u);
     v[2 * j + 1] = real ? __ldg(src + 2 * m + 1) : make_uint4(0u, 0u, 0u, 0u);
   }
-  __nv_bfloat162 mx2 = __float2bfloat162_rn(0.f);
-#pragma unroll
-  for (int k = 0; k < 18; ++k) {
-    const uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) mx2 = __hmax2(mx2, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&words[i])));
-  }
-  float amax = fmaxf(__low2float(mx2), __high2float(mx2));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if ((ctid & 31) == 0) red[ctid >> 5] = amax;
-  named_bar_sync(kBarSeg, 256);
-#pragma unroll
-  for (int w = 0; w < 8; ++w) amax = fmaxf(amax, red[w]);
-  const int biased = min(max((__float_as_int(amax) >> 23) & 0xff, 76), 254);
-  const float up = __int_as_float((267 - biased) << 23);
-  const float down = __int_as_float((biased - 13) << 23);
-  if (n >= 16) return down;
+  const float2 scale = q_f16_scale<8>(v, ctid, red);
+  if (n >= 16) return scale.y;
 #pragma unroll
   for (int j = 0; j < 9; ++j) {
-    uint32_t w[8] = {v[2 * j].x, v[2 * j].y, v[2 * j].z, v[2 * j].w,
-                     v[2 * j + 1].x, v[2 * j + 1].y, v[2 * j + 1].z, v[2 * j + 1].w};
+    const uint32_t raw[8] = {v[2 * j].x, v[2 * j].y, v[2 * j].z, v[2 * j].w,
+                             v[2 * j + 1].x, v[2 * j + 1].y, v[2 * j + 1].z, v[2 * j + 1].w};
+    uint32_t w[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-      const __half2 h = __floats2half2_rn(f.x * up, f.y * up);
-      w[i] = *reinterpret_cast<const uint32_t*>(&h);
-    }
+    for (int i = 0; i < 8; ++i) w[i] = bf16x2_to_f16x2_scaled(raw[i], scale.x);
     // word i holds dims 2i, 2i + 1: logical words 0..3 <- 0, 2, 4, 6 and 4..7 <- 1, 3, 5, 7
     const int m = part + 4 * j;
     uint8_t* row = q_smem + (m >> 2) * kRQPanelBytes + n * 128;
@@ -140,41 +121,7 @@ __device__ __forceinline__ float load_q_perm(const MlaDecodeSm90Params& p, int b
     *reinterpret_cast<uint4*>(row + ((c0 ^ (n & 7)) << 4)) = make_uint4(w[0], w[2], w[4], w[6]);
     *reinterpret_cast<uint4*>(row + (((c0 + 1) ^ (n & 7)) << 4)) = make_uint4(w[1], w[3], w[5], w[7]);
   }
-  return down;
-}
-
-// The producer thread: TMA loads of e4m3 tiles (9 panels of 64 codes, boxes of min(page, 64)
-// keys) into the stage ring.
-__device__ __forceinline__ void run_producer_fp8_tma(const CUtensorMap* kv_map, const MlaDecodeSm90Params& p,
-                                                     const SlotRange& sr, uint32_t smem_base) {
-  const int ps_log2 = p.page_size_log2;
-  const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;
-  const uint32_t box_bytes = (1u << box_log2) * 64u;
-  const uint32_t bar_full0 = smem_base + kRBarOff;
-  const uint32_t bar_empty0 = bar_full0 + kRStages * 8;
-  SegIter it{sr.first_b, sr.first_start};
-  Segment seg;
-  uint32_t iter = 0;
-  while (next_segment(p, sr, it, seg)) {
-    const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
-    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
-      const uint32_t stage = iter % kRStages;
-      const TileBoxes tb = tile_boxes(table, t * kBlockN, seg.len, ps_log2, box_log2);
-      mbar_wait(bar_empty0 + stage * 8, ((iter / kRStages) & 1) ^ 1);
-      const uint32_t full = bar_full0 + stage * 8;
-      mbar_arrive_expect_tx(full, static_cast<uint32_t>(tb.boxes) * kPanels * box_bytes);
-      const uint32_t dst = smem_base + kRStageOff + stage * kRStageBytes;
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        if (x < tb.boxes) {
-#pragma unroll
-          for (int c = 0; c < kPanels; ++c) {
-            tma_load_2d(dst + c * kRPanelBytes + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
-          }
-        }
-      }
-    }
-  }
+  return scale.y;
 }
 
 // QK^T over panel kG (dims 64 kG ..): the A fragments of its 4 k-steps from two ldmatrix.x4
@@ -389,7 +336,6 @@ __device__ __forceinline__ void run_consumer_r(const MlaDecodeSm90Params& p, con
   const int bar_max = w == 0 ? kBarMax : kBarMax2;
   const int bar_p = w == 0 ? kBarP : kBarP2;
   uint8_t* p_panel = smem + kRPOff + w * 16 * 128;
-  const float ninf = neg_inf();
   const float kv_scale = __ldg(p.kv_scale);
   const uint64_t dq = desc_k_sw128(smem_base + kRQOff);
   const uint64_t dp = desc_k_sw128(smem_base + kRPOff + w * 16 * 128);
@@ -414,18 +360,7 @@ __device__ __forceinline__ void run_consumer_r(const MlaDecodeSm90Params& p, con
 
     int lim[4];
     float m[4], l[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      lim[c] = row_limit(p, seg.len, t_row(c, quad));
-      m[c] = ninf;
-      l[c] = 0.f;
-    }
-    const int mask_from = seg.len - (p.causal ? p.q_len - 1 : 0);
-#pragma unroll
-    for (int b = 0; b < kDimBlocks; ++b) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[b][i] = 0.f;
-    }
+    const int mask_from = begin_columns<16>(p, seg.len, quad, lim, m, l, o);
     for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
       if (static_cast<int>(iter & 1) != w) continue;
       const uint32_t stage = iter % kRStages;

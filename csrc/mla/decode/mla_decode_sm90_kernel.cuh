@@ -47,16 +47,19 @@ namespace dev {
 using namespace ::tokenspeed::sm90;
 
 // ---------------------------------------------------------------------------------
-// Producer: one thread issues every TMA load of the CTA.
+// Producer: one thread issues every TMA load of the CTA, into kStagesN stages of 9 panels
+// (kPanelBytesN each, rows of kRowBytes: 128 for 64 bf16 dims, 64 for 64 e4m3 codes) at
+// stage_off, guarded by mbarriers full[kStagesN], empty[kStagesN] at bar_off.
 // ---------------------------------------------------------------------------------
-__device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
-                                             const MlaDecodeSm90Params& p, const SlotRange& sr,
-                                             uint32_t smem_base) {
+template <int kStagesN, int kPanelBytesN, int kRowBytes>
+__device__ __forceinline__ void run_producer(const CUtensorMap* kv_map, const MlaDecodeSm90Params& p,
+                                             const SlotRange& sr, uint32_t smem_base, uint32_t bar_off,
+                                             uint32_t stage_off) {
   const int ps_log2 = p.page_size_log2;
   const int box_log2 = ps_log2 < 6 ? ps_log2 : 6;  // a box never crosses a page
-  const uint32_t box_bytes = (1u << box_log2) * 128u;
-  const uint32_t bar_full0 = smem_base + kBarOff;
-  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  const uint32_t box_bytes = (1u << box_log2) * kRowBytes;
+  const uint32_t bar_full0 = smem_base + bar_off;
+  const uint32_t bar_empty0 = bar_full0 + kStagesN * 8;
   SegIter it{sr.first_b, sr.first_start};
   Segment seg;
   uint32_t iter = 0;
@@ -64,22 +67,22 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map,
   while (next_segment(p, sr, it, seg)) {
     const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
     for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
-      const int stage = iter & 1;
+      const uint32_t stage = iter % kStagesN;
       const TileBoxes tb = tile_boxes(table, t * kBlockN, seg.len, ps_log2, box_log2);
       const int boxes = tb.boxes;
       TS_MLA_PHASE(1);
       TS_MLA_PHASE_TILE();
-      mbar_wait(bar_empty0 + stage * 8, ((iter >> 1) & 1) ^ 1);
+      mbar_wait(bar_empty0 + stage * 8, ((iter / kStagesN) & 1) ^ 1);
       TS_MLA_PHASE(0);
       const uint32_t full = bar_full0 + stage * 8;
       mbar_arrive_expect_tx(full, static_cast<uint32_t>(boxes) * kPanels * box_bytes);
-      const uint32_t dst = smem_base + kStageOff + stage * kTileBytes;
+      const uint32_t dst = smem_base + stage_off + stage * (kPanels * kPanelBytesN);
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         if (x < boxes) {
 #pragma unroll
           for (int c = 0; c < kPanels; ++c) {
-            tma_load_2d(dst + c * kPanelBytes + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
+            tma_load_2d(dst + c * kPanelBytesN + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
           }
         }
       }
@@ -533,7 +536,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // one TMA thread, two consumer warpgroups on alternate tiles
     if (tid < 128) {
       dev::setmaxnreg_dec<kProducerRegs>();
-      if (tid == 0) dev::run_producer_fp8_tma(&kv_map, p, sr, smem_base);
+      if (tid == 0) dev::run_producer<dev::kRStages, dev::kRPanelBytes, 64>(&kv_map, p, sr, smem_base, dev::kRBarOff,
+                                                                         dev::kRStageOff);
     } else {
       dev::setmaxnreg_inc<kConsumerRegs>();
       dev::run_consumer_r(p, sr, smem, smem_base);
@@ -561,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kVariant == dev::kVariantSeesaw) {
         dev::run_producer_halves(&kv_map, p, sr, smem_base);
       } else {
-        dev::run_producer(&kv_map, p, sr, smem_base);
+        dev::run_producer<kStages, kPanelBytes, 128>(&kv_map, p, sr, smem_base, kBarOff, kStageOff);
       }
     }
   } else {

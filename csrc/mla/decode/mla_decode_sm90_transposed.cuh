@@ -232,6 +232,26 @@ __device__ __forceinline__ void finish_segment_t(const MlaDecodeSm90Params& p, c
   }
 }
 
+// A segment's column state (columns = query rows): each column's key limit, no exponent base yet
+// (log2 domain, -inf), empty sums (this thread's part) and O^T. Returns mask_from: tiles reaching
+// past it may hold keys some row must not see, or keys past the sequence.
+template <int kN>
+__device__ __forceinline__ int begin_columns(const MlaDecodeSm90Params& p, int len, int quad, int (&lim)[kN / 4],
+                                             float (&m)[kN / 4], float (&l)[kN / 4], float (&o)[kDimBlocks][kN / 2]) {
+#pragma unroll
+  for (int c = 0; c < kN / 4; ++c) {
+    lim[c] = row_limit(p, len, t_row(c, quad));
+    m[c] = neg_inf();
+    l[c] = 0.f;
+  }
+#pragma unroll
+  for (int b = 0; b < kDimBlocks; ++b) {
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) o[b][i] = 0.f;
+  }
+  return len - (p.causal ? p.q_len - 1 : 0);
+}
+
 // The consumer warpgroup (threads 256 .. 383) over the fp8 cache's f16 tiles with N = 16 or 32
 // rows: the same plan walk, stage ring and lockstep order as run_consumer (QK(t + 1) queues
 // behind PV(t) on the tensor cores, the softmax of t + 1 waits for both).
@@ -247,7 +267,6 @@ __device__ __forceinline__ void run_consumer_t(const MlaDecodeSm90Params& p, con
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   float* smax = reinterpret_cast<float*>(smem + kMaxOff);
   float* ssum = reinterpret_cast<float*>(smem + kSumOff);
-  const float ninf = neg_inf();
   const float kv_scale = __ldg(p.kv_scale);
 
   float o[kDimBlocks][kN / 2];
@@ -263,21 +282,8 @@ __device__ __forceinline__ void run_consumer_t(const MlaDecodeSm90Params& p, con
     named_bar_sync(kBarSeg, 32 * kTWarps);
 
     int lim[kC];
-    float m[kC], l[kC];  // per column: exponent base (log2 domain, -inf: none yet), this thread's part of the sum
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-      lim[c] = row_limit(p, seg.len, t_row(c, quad));
-      m[c] = ninf;
-      l[c] = 0.f;
-    }
-    // Tiles reaching past mask_from may hold keys some row must not see (and the keys past the
-    // sequence, which the producer wrote as zeros).
-    const int mask_from = seg.len - (p.causal ? p.q_len - 1 : 0);
-#pragma unroll
-    for (int b = 0; b < kDimBlocks; ++b) {
-#pragma unroll
-      for (int i = 0; i < kN / 2; ++i) o[b][i] = 0.f;
-    }
+    float m[kC], l[kC];
+    const int mask_from = begin_columns<kN>(p, seg.len, quad, lim, m, l, o);
 
     if constexpr (trace::kProbe == trace::kProbeProducers) {  // probe: release each tile once full
       for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
