@@ -34,24 +34,6 @@
 
 namespace tokenspeed::mla_sm90::dev {
 
-// The tiles of a CTA's plan range in order (the walk next_segment defines), one at a time.
-struct TileCursor {
-  SegIter it;
-  Segment seg;
-  int t;
-  bool live;
-  __device__ __forceinline__ void start(const MlaDecodeSm90Params& p, const SlotRange& sr) {
-    it = SegIter{sr.first_b, sr.first_start};
-    live = next_segment(p, sr, it, seg);
-    t = seg.t0;
-  }
-  __device__ __forceinline__ void advance(const MlaDecodeSm90Params& p, const SlotRange& sr) {
-    if (++t < seg.t1) return;
-    live = next_segment(p, sr, it, seg);
-    t = seg.t0;
-  }
-};
-
 // Eight e4m3 codes (a 64-bit half of a vector) -> eight f16 (exact), as one 16-byte vector.
 __device__ __forceinline__ uint4 e4m3x8_to_f16x8(uint32_t lo, uint32_t hi) {
   uint32_t h[4];

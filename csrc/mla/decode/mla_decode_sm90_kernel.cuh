@@ -60,38 +60,45 @@ __device__ __forceinline__ void run_producer(const CUtensorMap* kv_map, const Ml
   const uint32_t box_bytes = (1u << box_log2) * kRowBytes;
   const uint32_t bar_full0 = smem_base + bar_off;
   const uint32_t bar_empty0 = bar_full0 + kStagesN * 8;
-  SegIter it{sr.first_b, sr.first_start};
-  Segment seg;
-  uint32_t iter = 0;
+  // The tile walk is the fp8 producers' TileCursor; the next tile's boxes are located (its
+  // block-table reads issued) before this tile's stage is waited for. Measured neutral (variant 5's
+  // TMA path alone at 128 x 16 x 4K: 113.0 vs 112.3 us located in turn; H100, 2026-11-24).
+  auto locate = [&](const TileCursor& c) {
+    const int32_t* table = p.block_table + static_cast<int64_t>(c.seg.b) * p.block_table_stride;
+    return tile_boxes(table, c.t * kBlockN, c.seg.len, ps_log2, box_log2);
+  };
+  TileCursor cur;
+  cur.start(p, sr);
+  TileBoxes next{};
+  if (cur.live) next = locate(cur);
   TS_MLA_PHASE_DECL;
-  while (next_segment(p, sr, it, seg)) {
-    const int32_t* table = p.block_table + static_cast<int64_t>(seg.b) * p.block_table_stride;
-    for (int t = seg.t0; t < seg.t1; ++t, ++iter) {
-      const uint32_t stage = iter % kStagesN;
-      const TileBoxes tb = tile_boxes(table, t * kBlockN, seg.len, ps_log2, box_log2);
-      const int boxes = tb.boxes;
-      TS_MLA_PHASE(1);
-      TS_MLA_PHASE_TILE();
-      mbar_wait(bar_empty0 + stage * 8, ((iter / kStagesN) & 1) ^ 1);
-      TS_MLA_PHASE(0);
-      const uint32_t full = bar_full0 + stage * 8;
-      if constexpr (trace::kProbe == trace::kProbeConsumer) {  // probe builds: stages filled with nothing
-        mbar_arrive(full);
-        continue;
-      }
-      mbar_arrive_expect_tx(full, static_cast<uint32_t>(boxes) * kPanels * box_bytes);
-      const uint32_t dst = smem_base + stage_off + stage * (kPanels * kPanelBytesN);
+  for (uint32_t iter = 0; cur.live; ++iter) {
+    const uint32_t stage = iter % kStagesN;
+    const TileBoxes tb = next;
+    cur.advance(p, sr);
+    if (cur.live) next = locate(cur);
+    const int boxes = tb.boxes;
+    TS_MLA_PHASE(1);
+    TS_MLA_PHASE_TILE();
+    mbar_wait(bar_empty0 + stage * 8, ((iter / kStagesN) & 1) ^ 1);
+    TS_MLA_PHASE(0);
+    const uint32_t full = bar_full0 + stage * 8;
+    if constexpr (trace::kProbe == trace::kProbeConsumer) {  // probe builds: stages filled with nothing
+      mbar_arrive(full);
+      continue;
+    }
+    mbar_arrive_expect_tx(full, static_cast<uint32_t>(boxes) * kPanels * box_bytes);
+    const uint32_t dst = smem_base + stage_off + stage * (kPanels * kPanelBytesN);
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        if (x < boxes) {
+    for (int x = 0; x < 4; ++x) {
+      if (x < boxes) {
 #pragma unroll
-          for (int c = 0; c < kPanels; ++c) {
-            tma_load_2d(dst + c * kPanelBytesN + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
-          }
+        for (int c = 0; c < kPanels; ++c) {
+          tma_load_2d(dst + c * kPanelBytesN + x * box_bytes, kv_map, c * 64, tb.cache_row[x], full);
         }
       }
-      if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTmaIssued);
     }
+    if (iter == 0) TS_MLA_TRACE_EVENT("decode", trace::kFirstTmaIssued);
   }
   TS_MLA_TRACE_EVENT("decode", trace::kLastTmaIssued);
   TS_MLA_PHASE(1);

@@ -135,6 +135,24 @@ __device__ __forceinline__ bool next_segment(const MlaDecodeSm90Params& p, const
   return false;
 }
 
+// The tiles of a CTA's plan range in order (the walk next_segment defines), one at a time.
+struct TileCursor {
+  SegIter it;
+  Segment seg;
+  int t;
+  bool live;
+  __device__ __forceinline__ void start(const MlaDecodeSm90Params& p, const SlotRange& sr) {
+    it = SegIter{sr.first_b, sr.first_start};
+    live = next_segment(p, sr, it, seg);
+    t = seg.t0;
+  }
+  __device__ __forceinline__ void advance(const MlaDecodeSm90Params& p, const SlotRange& sr) {
+    if (++t < seg.t1) return;
+    live = next_segment(p, sr, it, seg);
+    t = seg.t0;
+  }
+};
+
 // The TMA boxes of one 64-key tile: boxes of min(page, 64) keys (a box never crosses a page),
 // only as many as hold keys < len, each at its cache row through the block table. Pages past
 // the sequence are never looked up; rows of the stage past the last box keep stale data, which
