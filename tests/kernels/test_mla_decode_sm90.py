@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tokenspeed_kernels.reference import mla_decode_ref
-from tokenspeed_kernels.testing import assert_close, make_paged_kv
+from tokenspeed_kernels.testing import assert_close, make_paged_kv, ragged_seqlens
 from tokenspeed_kernels.testing.graphs import capture_graph
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
@@ -54,17 +54,10 @@ def _case(gen, seqlens, heads, q_len, page_size, q_scale=1.0):
     return q, paged
 
 
-def _ragged(gen, q_len, page_size, n=6):
-    """Lengths around every boundary the kernel cares about, plus random ones."""
-    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    fixed = [1, q_len, 63, 64, 65, page_size - 1, page_size + 1, 3 * 64 + 17]
-    return rng.sample(fixed, k=n - 1) + [2000 + rng.randrange(500)]
-
-
 @pytest.mark.parametrize("q_len", [1, 2, 4, 8])
 @pytest.mark.parametrize("heads", [16, 32, 64, 128])
 def test_matches_reference_page64(heads: int, q_len: int, gen: torch.Generator) -> None:
-    seqlens = _ragged(gen, q_len, 64)
+    seqlens = ragged_seqlens(gen, q_len, 64)
     q, paged = _case(gen, seqlens, heads, q_len, 64)
     _check(q, paged, what=f"heads={heads} q_len={q_len} seqlens={seqlens}")
 
@@ -72,7 +65,7 @@ def test_matches_reference_page64(heads: int, q_len: int, gen: torch.Generator) 
 @pytest.mark.parametrize("page_size", [16, 32, 128, 256])
 @pytest.mark.parametrize("heads,q_len", [(16, 1), (16, 4), (128, 2)])
 def test_other_page_sizes(page_size: int, heads: int, q_len: int, gen: torch.Generator) -> None:
-    seqlens = _ragged(gen, q_len, page_size)
+    seqlens = ragged_seqlens(gen, q_len, page_size)
     q, paged = _case(gen, seqlens, heads, q_len, page_size)
     _check(q, paged, what=f"page_size={page_size} seqlens={seqlens}")
 

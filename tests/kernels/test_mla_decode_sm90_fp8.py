@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tokenspeed_kernels.reference import mla_decode_ref
-from tokenspeed_kernels.testing import assert_close, make_paged_kv
+from tokenspeed_kernels.testing import assert_close, make_paged_kv, ragged_seqlens
 from tokenspeed_kernels.testing.graphs import capture_graph
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
@@ -65,16 +65,10 @@ def _check(q, paged, kv_scale, causal=True, what=""):
     return out, lse
 
 
-def _ragged(gen, q_len, page, n=6):
-    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    fixed = [1, q_len, 63, 64, 65, page - 1, page + 1, 3 * 64 + 17]
-    return rng.sample(fixed, k=n - 1) + [2000 + rng.randrange(500)]
-
-
 @pytest.mark.parametrize("q_len", [1, 2, 4, 8])
 @pytest.mark.parametrize("heads", [16, 32, 64, 128])
 def test_matches_reference_page64(heads: int, q_len: int, gen: torch.Generator) -> None:
-    seqlens = _ragged(gen, q_len, 64)
+    seqlens = ragged_seqlens(gen, q_len, 64)
     q, paged, kv_scale = _case(gen, seqlens, heads, q_len, 64)
     _check(q, paged, kv_scale, what=f"seqlens={seqlens}")
 
@@ -82,7 +76,7 @@ def test_matches_reference_page64(heads: int, q_len: int, gen: torch.Generator) 
 @pytest.mark.parametrize("page", [16, 32, 128, 256])
 @pytest.mark.parametrize("heads,q_len", [(16, 1), (16, 4), (128, 2)])
 def test_other_page_sizes(page: int, heads: int, q_len: int, gen: torch.Generator) -> None:
-    seqlens = _ragged(gen, q_len, page)
+    seqlens = ragged_seqlens(gen, q_len, page)
     q, paged, kv_scale = _case(gen, seqlens, heads, q_len, page)
     _check(q, paged, kv_scale, what=f"page={page} seqlens={seqlens}")
 
@@ -97,7 +91,7 @@ def test_non_causal_and_odd_head_counts(heads: int, q_len: int, gen: torch.Gener
 def test_row_counts_below_16_and_between_16_and_32(heads: int, q_len: int, gen: torch.Generator) -> None:
     """Rows that fill neither 16 nor 32 columns of the transposed consumer: the padding columns
     read zero Q and are never stored."""
-    seqlens = _ragged(gen, q_len, 64)
+    seqlens = ragged_seqlens(gen, q_len, 64)
     q, paged, kv_scale = _case(gen, seqlens, heads, q_len, 64)
     _check(q, paged, kv_scale, what=f"rows={heads * q_len} seqlens={seqlens}")
 

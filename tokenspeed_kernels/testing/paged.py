@@ -7,6 +7,7 @@ the output instead of passing silently.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -74,3 +75,12 @@ def make_paged_kv(
         cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device),
         page_size=page_size,
     )
+
+
+def ragged_seqlens(gen: torch.Generator, q_len: int, page_size: int, n: int = 6) -> list[int]:
+    """n sequence lengths: n - 1 drawn from the boundaries a paged decode kernel cares about (1,
+    q_len, either side of a 64-key tile and of a page, a tail past three tiles) and one long random
+    length (2000..2499); the draw follows `gen`."""
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    fixed = [1, q_len, 63, 64, 65, page_size - 1, page_size + 1, 3 * 64 + 17]
+    return rng.sample(fixed, k=n - 1) + [2000 + rng.randrange(500)]
