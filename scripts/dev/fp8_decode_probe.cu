@@ -51,7 +51,8 @@ int main(int argc, char** argv) {
   const int schedule = argc > 1 ? std::atoi(argv[1]) : 1;  // 1: transposed at <= 32 rows, 0: lockstep
   int sms = 0;
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "sms");
-  const Shape shapes[] = {{128, 16, 4096, 1}, {32, 16, 4096, 1}, {1, 16, 65536, 1}, {4, 16, 81920, 1}, {8, 16, 32768, 2}};
+  const Shape shapes[] = {{128, 16, 4096, 1}, {32, 16, 4096, 1}, {1, 16, 65536, 1}, {4, 16, 81920, 1}, {8, 16, 32768, 2},
+                         {128, 32, 4096, 1}, {32, 16, 4096, 2}};
   std::printf("probe %d schedule %d | B x H x len x q_len | us | us per tile per SM | x fp8 bytes at 3000 GB/s\n",
               TS_MLA_PROBE, schedule);
   for (const Shape& s : shapes) {

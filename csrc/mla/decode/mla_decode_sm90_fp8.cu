@@ -1,11 +1,9 @@
 // The fp8-cache decode kernel's instantiations and their host-side launch (no torch):
-//   * <= 16 rows: the register-widened transposed consumers over TMA-loaded e4m3 stages
-//     (mla_decode_sm90_fp8_regs.cuh), with a TMA descriptor over the codes;
-//   * <= 32 rows: the transposed consumer over tiles the producers widen to f16
-//     (mla_decode_sm90_transposed.cuh);
-//   * more rows, or TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep: the 64-row lockstep consumers
-//     (mla_decode_sm90_fp8.cuh).
-// The last two read the codes through params.kv_codes; their descriptor argument is left empty.
+//   * <= 16 / <= 32 rows (variants 5 / 6): the register-widened transposed consumers over
+//     TMA-loaded e4m3 stages (mla_decode_sm90_fp8_regs.cuh), with a TMA descriptor over the codes;
+//   * more rows, or TOKENSPEED_MLA_DECODE_SCHEDULE=lockstep (variant 2): the 64-row lockstep
+//     consumers over tiles the producer widens to f16 (mla_decode_sm90_fp8.cuh), reading the codes
+//     through params.kv_codes (its descriptor argument is left empty).
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -40,19 +38,20 @@ cudaError_t launch_mla_decode_sm90_fp8(const MlaDecodeSm90Params& params, const 
   if (params.kv_scale == nullptr || kv_cache == nullptr || num_pages < 1) return cudaErrorInvalidValue;
   MlaDecodeSm90Params p = params;
   p.kv_codes = static_cast<const uint8_t*>(kv_cache);
-  const CUtensorMap unused{};
-  // At most 32 rows: a transposed consumer (no padded rows): the register-widened one over TMA
-  // stages at <= 16 rows, the producer-widened one at <= 32; unless the lockstep schedule is asked
-  // for (params.schedule = 0), which runs the 64-row consumers at every row count.
-  const bool transposed = p.schedule != 0 && p.rows <= 32;
+  // At most 32 rows: the transposed register-widened consumers (16 or 32 columns), unless the
+  // lockstep schedule is asked for (params.schedule = 0), which runs the 64-row consumers at every
+  // row count, as it does above 32 rows.
   cudaError_t err;
-  if (transposed && p.rows <= 16) {
+  if (p.schedule != 0 && p.rows <= 32) {
     CUtensorMap map;
     err = make_fp8_map(&map, kv_cache, num_pages, p.page_size_log2);
-    if (err == cudaSuccess) err = launch_decode<dev::kVariantFp8Regs16>(map, p, stream);
+    if (err == cudaSuccess) {
+      err = p.rows <= 16 ? launch_decode<dev::kVariantFp8Regs16>(map, p, stream)
+                         : launch_decode<dev::kVariantFp8Regs32>(map, p, stream);
+    }
   } else {
-    err = transposed ? launch_decode<dev::kVariantFp8Rows32>(unused, p, stream)
-                     : launch_decode<dev::kVariantFp8>(unused, p, stream);
+    const CUtensorMap unused{};  // variant 2 reads the codes through params.kv_codes
+    err = launch_decode<dev::kVariantFp8>(unused, p, stream);
   }
   if (err != cudaSuccess) return err;
   return launch_mla_decode_sm90_combine(p, stream);

@@ -110,52 +110,26 @@ __device__ __forceinline__ void store_f16_tile(const uint4 (&v)[kF8Vecs], uint8_
   }
 }
 
-// A producer's walk over its tiles: the cursor at the next tile, located ahead (loc, valid while
-// `more`) or not, and that tile's position in the CTA's tile order (iter & 1: its stage).
+// The producer's walk over its tiles: the cursor at the next tile, and that tile's position in the
+// CTA's tile order (iter & 1: its stage).
 struct F8Feed {
   TileCursor cur;
-  TileLoc loc;
-  bool more;
   bool started;
   uint32_t next_iter;
 };
 
-// Loads the producer's next tile into v (its iter into it; has = false when none is left).
-// kAhead (two producers): the tile was located one step earlier, and the one after it (kStep
-// tiles further) is located now, before the loads, while v is still dead. Otherwise (the single
-// producer of the 64-row consumers, whose registers are fewer) the walk steps, then locates and
-// loads: measured faster there (H100, 2026-11-24: 128 x 64 x 8K 495 vs 527 us located ahead).
-template <int kStep, bool kAhead>
+// Loads the producer's next tile into v (its iter into it; has = false when none is left): the
+// walk steps, then locates and loads. (Locating the tile after next before these loads, which
+// helped the two-producer form this kernel once had at <= 32 rows, was slower here: 128 x 64 x 8K
+// 527 vs 495 us, H100 2026-11-24.)
 __device__ __forceinline__ void take_tile(const MlaDecodeSm90Params& p, const SlotRange& sr, F8Feed& f,
                                           uint4 (&v)[kF8Vecs], uint32_t& it, bool& has) {
-  constexpr bool kLoad = trace::kProbe != trace::kProbeConsumer;
-  if constexpr (!kAhead) {
-    if (f.started) {
-#pragma unroll
-      for (int i = 0; i < kStep; ++i) {
-        if (f.cur.live) f.cur.advance(p, sr);
-      }
-    }
-    f.started = true;
-    has = f.cur.live;
-    if (!has) return;
-    it = f.next_iter;
-    f.next_iter += kStep;
-    if constexpr (kLoad) load_f8_tile(p, locate_tile(p, f.cur), v);
-  } else {
-    has = f.more;
-    if (!f.more) return;
-    const TileLoc now = f.loc;
-    it = f.next_iter;
-    f.next_iter += kStep;
-#pragma unroll
-    for (int i = 0; i < kStep; ++i) {
-      if (f.cur.live) f.cur.advance(p, sr);
-    }
-    f.more = f.cur.live;
-    if (f.more) f.loc = locate_tile(p, f.cur);
-    if constexpr (kLoad) load_f8_tile(p, now, v);
-  }
+  if (f.started && f.cur.live) f.cur.advance(p, sr);
+  f.started = true;
+  has = f.cur.live;
+  if (!has) return;
+  it = f.next_iter++;
+  if constexpr (trace::kProbe != trace::kProbeConsumer) load_f8_tile(p, locate_tile(p, f.cur), v);
 }
 
 // Waits for the tile's stage, widens v into it, arrives on its full barrier (one per warp).
@@ -175,36 +149,23 @@ __device__ __forceinline__ void put_tile(uint8_t* smem, uint32_t smem_base, cons
   if ((threadIdx.x & 31) == 0) mbar_arrive(smem_base + kBarOff + stage * 8);
 }
 
-// One producer warpgroup loads every tile (kStep = 1, the 64-row consumers), or two share them
-// (kStep = 2, the transposed consumer): warpgroup `first` takes tiles first, first + 2, .., always
-// the same stage. Each holds kSets tiles of codes in registers (18 or 36 x 16 B per thread), so
-// kStep x kSets tiles are in flight per SM, and locates its next tile while they load.
-// One producer warpgroup loads every tile (kStep = 1, the 64-row consumers), or two share them
-// (kStep = 2, the transposed consumer): warpgroup `first` takes tiles first, first + 2, .., always
-// the same stage, so kStep tiles of codes are in flight per SM. Two producers locate their next
-// tile (the block-table reads) before loading the current one: the table's latency is then off
-// the loads' path (128 x 16 x 4K: 206.6 -> 186.9 us, H100 2026-11-24).
-template <int kStep>
+// The producer warpgroup loads every tile: one tile of codes in flight in its registers while
+// the consumers work on the other stage.
 __device__ __forceinline__ void run_producer_fp8(const MlaDecodeSm90Params& p, const SlotRange& sr, uint8_t* smem,
-                                                 uint32_t smem_base, int first) {
+                                                 uint32_t smem_base) {
   // Measured and not kept (H100, 2026-11-24): prefetching tiles into L2 two ahead
-  // (prefetch.global.L2) made every row slower (128 x 16 x 4K: 247 -> 338 us); a second set of
-  // codes per producer (two tiles each) does not fit beside the transposed consumer's registers.
-  constexpr bool kAhead = kStep > 1;
+  // (prefetch.global.L2) made every row slower (128 x 16 x 4K: 247 -> 338 us).
   F8Feed f;
   f.cur.start(p, sr);
-  for (int i = 0; i < first && f.cur.live; ++i) f.cur.advance(p, sr);
-  f.more = f.cur.live;
   f.started = false;
-  f.next_iter = first;
-  if (kAhead && f.more) f.loc = locate_tile(p, f.cur);
+  f.next_iter = 0;
   uint4 v[kF8Vecs];
   uint32_t it = 0;
   bool has;
-  take_tile<kStep, kAhead>(p, sr, f, v, it, has);
+  take_tile(p, sr, f, v, it, has);
   while (has) {
     put_tile(smem, smem_base, v, it);
-    take_tile<kStep, kAhead>(p, sr, f, v, it, has);
+    take_tile(p, sr, f, v, it, has);
   }
 }
 
@@ -240,14 +201,13 @@ __device__ __forceinline__ uint32_t bf16x2_to_f16x2_scaled(uint32_t word, float 
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// Q as f16 (rows 0 .. 8 kWarps - 1 of block mb, the bf16 kernel's panel layout): returns 2^-e for
+// Q as f16 (rows of block mb, the bf16 kernel's panel layout): returns 2^-e for
 // the score scale.
-template <int kWarps = kConsumerWarps>
 __device__ __forceinline__ float load_q_f16(const MlaDecodeSm90Params& p, int b, int mb, uint8_t* q_smem,
                                             int ctid, float* red) {
   uint4 v[kQVecs];
   load_q_vectors(p, b, mb, ctid, v);
-  const float2 scale = q_f16_scale<kWarps>(v, ctid, red);
+  const float2 scale = q_f16_scale<kConsumerWarps>(v, ctid, red);
 #pragma unroll
   for (int k = 0; k < kQVecs; ++k) {
     v[k] = make_uint4(bf16x2_to_f16x2_scaled(v[k].x, scale.x), bf16x2_to_f16x2_scaled(v[k].y, scale.x),

@@ -222,8 +222,12 @@ __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t stage_addr, i
 constexpr int kVariantLockstep = 0;
 constexpr int kVariantSeesaw = 1;
 constexpr int kVariantFp8 = 2;
-constexpr int kVariantFp8Rows32 = 4;
 constexpr int kVariantFp8Regs16 = 5;
+constexpr int kVariantFp8Regs32 = 6;
+// Variant 5's query rows (its 32-row form is variant 6); 0 for the other variants.
+constexpr int regs_rows(int variant) {
+  return variant == kVariantFp8Regs16 ? 16 : variant == kVariantFp8Regs32 ? 32 : 0;
+}
 
 // Writes one row of this warpgroup's 256 output values; kE selects the row of the
 // accumulator fragment (0: row0, 2: row0 + 8).
@@ -477,6 +481,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // as soon as SMs free up; it waits (griddepcontrol.wait) before reading our results.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   TS_MLA_TRACE_EVENT("decode", trace::kEntry);
+  constexpr int kRegsRows = dev::regs_rows(kVariant);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw_base = dev::smem_u32(smem_raw);
   const uint32_t pad = (1024u - (raw_base & 1023u)) & 1023u;
@@ -517,55 +522,48 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (running > sr.x0) break;  // uniform: running is a block-wide value
   }
   if (tid == 0) {
+    store_slot_range(scratch, sr);  // the first sequence (scratch[16, 18)) follows the barrier below
     const uint32_t bars = smem_base + kBarOff;
     for (int s = 0; s < kStages; ++s) {
       // full: the TMA producer's expect_tx, or one arrival per warp of an fp8 variant's producer
       // warpgroup; empty: one arrival per consumer warp
-      constexpr bool kProducerWg = kVariant == dev::kVariantFp8 || kVariant == dev::kVariantFp8Rows32;
-      dev::mbar_init(bars + s * 8, kProducerWg ? 4 : 1);
-      dev::mbar_init(bars + (kStages + s) * 8, kVariant == dev::kVariantFp8Rows32 ? dev::kTWarps : kConsumerWarps);
+      dev::mbar_init(bars + s * 8, kVariant == dev::kVariantFp8 ? 4 : 1);
+      dev::mbar_init(bars + (kStages + s) * 8, kConsumerWarps);
       for (int half = 0; half < 2; ++half) {                          // seesaw: per stage half
         dev::mbar_init(dev::half_bar(smem_base, 0, half, s), 1);
         dev::mbar_init(dev::half_bar(smem_base, 1, half, s), kConsumerWarps / 2);
       }
     }
-    if constexpr (kVariant == dev::kVariantFp8Regs16) {
+    if constexpr (kRegsRows > 0) {
+      constexpr int kRBarOff = dev::RLayout<kRegsRows>::kBarOff;
       for (int s = 0; s < dev::kRStages; ++s) {
-        dev::mbar_init(smem_base + dev::kRBarOff + s * 8, 1);                                  // full: expect_tx
-        dev::mbar_init(smem_base + dev::kRBarOff + (dev::kRStages + s) * 8, dev::kTWarps);  // empty: one consumer's warps
+        dev::mbar_init(smem_base + kRBarOff + s * 8, 1);                                  // full: expect_tx
+        dev::mbar_init(smem_base + kRBarOff + (dev::kRStages + s) * 8, dev::kTWarps);  // empty: one consumer's warps
       }
     }
     dev::fence_barrier_init();
-    if constexpr (kVariant < dev::kVariantFp8 || kVariant == dev::kVariantFp8Regs16) dev::prefetch_tensormap(&kv_map);
+    if constexpr (kVariant < dev::kVariantFp8 || kRegsRows > 0) dev::prefetch_tensormap(&kv_map);
   }
   __syncthreads();
   sr.first_b = scratch[16];
   sr.first_start = scratch[17];
   TS_MLA_TRACE_EVENT("decode", trace::kPlanDone);
 
-  if constexpr (kVariant == dev::kVariantFp8Regs16) {
+  if constexpr (kRegsRows > 0) {
     // one TMA thread, two consumer warpgroups on alternate tiles
+    using L = dev::RLayout<kRegsRows>;
     if (tid < 128) {
       dev::setmaxnreg_dec<kProducerRegs>();
-      if (tid == 0) dev::run_producer<dev::kRStages, dev::kRPanelBytes, 64>(&kv_map, p, sr, smem_base, dev::kRBarOff,
-                                                                         dev::kRStageOff);
+      if (tid == 0) dev::run_producer<dev::kRStages, dev::kRPanelBytes, 64>(&kv_map, p, sr, smem_base, L::kBarOff,
+                                                                         L::kStageOff);
     } else {
       dev::setmaxnreg_inc<kConsumerRegs>();
-      dev::run_consumer_r(p, sr, smem, smem_base);
-    }
-  } else if constexpr (kVariant == dev::kVariantFp8Rows32) {
-    // two producer warpgroups, one stage and one tile of codes each; one consumer warpgroup
-    if (tid < 256) {
-      dev::setmaxnreg_dec<kProducerRegsFp8Rows32>();
-      dev::run_producer_fp8<2>(p, sr, smem, smem_base, tid >> 7);
-    } else {
-      dev::setmaxnreg_inc<kConsumerRegsRows32>();
-      dev::run_consumer_t<32>(p, sr, smem, smem_base);
+      dev::run_consumer_r<kRegsRows>(p, smem, smem_base);
     }
   } else if constexpr (kVariant == dev::kVariantFp8) {
     if (tid < 128) {
       dev::setmaxnreg_dec<kProducerRegsFp8>();
-      dev::run_producer_fp8<1>(p, sr, smem, smem_base, 0);
+      dev::run_producer_fp8(p, sr, smem, smem_base);
     } else {
       dev::setmaxnreg_inc<kConsumerRegsFp8>();
       dev::run_consumer<kVariant>(p, sr, smem, smem_base, mb);

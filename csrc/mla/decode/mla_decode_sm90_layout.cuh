@@ -25,7 +25,8 @@ constexpr int kStageOff = kQOff + kTileBytes;
 constexpr int kMaxOff = kStageOff + kStages * kTileBytes;  // float [2][2][64]
 constexpr int kSumOff = kMaxOff + 2 * 2 * kBlockM * 4;     // float [2][64]
 constexpr int kBarOff = kSumOff + 2 * kBlockM * 4;         // uint64 full[2], empty[2]
-// int [128]: [0, 12) block scan, [16, 18) the first sequence, [32, 128) the plan candidates' sums
+// int [128]: [0, 12) block scan, [16, 18) the first sequence, [18, 23) the rest of the slot range
+// (store_slot_range), [32, 128) the plan candidates' sums
 constexpr int kPlanOff = kBarOff + 2 * kStages * 8;
 constexpr int kPlanInts = 128;
 // The seesaw schedule's mbarriers: [full, empty][L half, R half][stage] (mla_decode_sm90_seesaw.cuh)
@@ -42,11 +43,6 @@ constexpr int kConsumerRegs = 232;
 // per thread) and widens them into the stage (mla_decode_sm90_fp8.cuh).
 constexpr int kProducerRegsFp8 = 104;  // 128 x 104 + 256 x 200 = 64512
 constexpr int kConsumerRegsFp8 = 200;
-// The transposed consumer at <= 32 rows (mla_decode_sm90_transposed.cuh): one warpgroup (O^T
-// takes 128 registers) beside two producer warpgroups holding one tile of codes each,
-// 2 x 128 x 120 + 128 x 248 = 62464.
-constexpr int kProducerRegsFp8Rows32 = 120;
-constexpr int kConsumerRegsRows32 = 248;
 // Conditional rescale: the exponent base of a row moves only when its max grows by
 // more than this (log2 units, a factor 256); P <= 2^8 then, safe in bf16 and fp32.
 constexpr float kRescaleThreshold = 8.0f;

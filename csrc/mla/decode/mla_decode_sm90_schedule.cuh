@@ -99,6 +99,21 @@ struct SlotRange {
   int slot;          // this CTA's slot
 };
 
+// The slot range in the plan scratch (kPlanOff): first_b / first_start at [16, 18) (written
+// during the plan), the rest at [18, 23). Variant 5's consumers at 32 rows re-read it at each
+// segment instead of holding it across the tile loop, where O^T leaves no registers for it.
+__device__ __forceinline__ void store_slot_range(int* scratch, const SlotRange& sr) {
+  scratch[18] = sr.x0;
+  scratch[19] = sr.x1;
+  scratch[20] = sr.per_slot;
+  scratch[21] = sr.capacity;
+  scratch[22] = sr.slot;
+}
+__device__ __forceinline__ SlotRange load_slot_range(const int* scratch) {
+  const volatile int* s = scratch;  // volatile: read where used, never kept in registers
+  return SlotRange{s[18], s[19], s[20], s[16], s[17], s[21], s[22]};
+}
+
 struct SegIter {
   int b;      // next sequence to look at
   int start;  // its plan start P_b

@@ -1,6 +1,6 @@
 // The wgmma shapes the Hopper MLA decode kernel issues: QK^T m64n32k16 (lockstep schedule) or
-// m64n64k16 (seesaw), both operands in smem; PV m64n256k16 with V MN-major, P from smem; the
-// transposed small-row consumer's m64n16k16 / m64n32k16 with A K-major (K) or MN-major (V^T). The
+// m64n64k16 (seesaw), both operands in smem; PV m64n256k16 with V MN-major, P from smem (the
+// transposed small-row consumers' register-A shapes are in mla_decode_sm90_fp8_regs.cuh). The
 // generic wrappers are in common/sm90_ptx.cuh. Each shape takes its operand type as a template
 // parameter (one asm body, TS_MLA_WGMMA_SS, for every shape and type).
 #pragma once
@@ -33,26 +33,7 @@ enum class MmaType { kBF16, kF16 };
                : OUTS                                                                                     \
                : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kOffA), "n"(kOffB), "n"(kTransA))
 
-// D[64 x 16] (+)= A[64 x 16] B[16 x 16]^T, both in smem; B K-major, A K-major or (kTransA) MN-major.
-// The transposed small-row consumer's shapes (mla_decode_sm90_transposed.cuh): S^T = K Q^T with
-// 16 query rows as N, and O^T = V^T P^T with V^T the tile's value panels read MN-major.
-#define TS_MLA_ACC8 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-#define TS_MLA_REGS8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
-template <MmaType kT, int kOffA, int kOffB, int kTransA = 0>
-__device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#define TS_MLA_WGMMA_8(TYPE) TS_MLA_WGMMA_SS("m64n16k16", TYPE, TS_MLA_REGS8, "%13", "0", "%10", "%8", "%11", "%9", "%12", TS_MLA_ACC8)
-  if constexpr (kT == MmaType::kF16) {
-    TS_MLA_WGMMA_8("f16");
-  } else {
-    TS_MLA_WGMMA_8("bf16");
-  }
-#undef TS_MLA_WGMMA_8
-}
-#undef TS_MLA_ACC8
-#undef TS_MLA_REGS8
-
-// S[64 x 32] (+)= A[64 x 16] B[16 x 32]^T; B K-major, A K-major (the lockstep QK^T) or (kTransA)
-// MN-major (the transposed consumer's O^T = V^T P^T at 32 rows); both in smem.
+// S[64 x 32] (+)= A[64 x 16] B[16 x 32]^T; A and B K-major in smem (the lockstep QK^T).
 #define TS_MLA_ACC16 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define TS_MLA_REGS16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
@@ -68,17 +49,6 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc
 }
 #undef TS_MLA_ACC16
 #undef TS_MLA_REGS16
-
-// m64nNk16 for N = 16 or 32 (kN / 2 accumulator registers), as above.
-template <MmaType kT, int kN, int kTransA, int kOffA, int kOffB>
-__device__ __forceinline__ void wgmma_m64nk16_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  static_assert(kN == 16 || kN == 32, "the small-row shapes are N = 16 and N = 32");
-  if constexpr (kN == 16) {
-    wgmma_m64n16k16_ss<kT, kOffA, kOffB, kTransA>(d, desc_a, desc_b, scale_d);
-  } else {
-    wgmma_m64n32k16_ss<kT, kOffA, kOffB, kTransA>(d, desc_a, desc_b, scale_d);
-  }
-}
 
 // S[64 x 64] (+)= A[64 x 16] B[16 x 64]^T; A and B K-major in smem (the seesaw schedule's
 // QK^T: one warpgroup, all 64 keys of a tile).
