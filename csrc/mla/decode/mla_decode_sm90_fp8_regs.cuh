@@ -28,8 +28,8 @@
 // c of key row k at chunk c ^ ((k / 2) % 4)), which keeps both access patterns conflict-free.
 // (5 panels of 128 codes, 128-byte boxes with the last half zero-filled past dim 576, were no
 // faster: 119.2 us at 128 x 16 x 4K, the TMA path alone 111.9 vs 112.3.)
-// Keys past the sequence hold stale bytes (NaN codes included): their scores are masked and their
-// V rows are replaced by zeros before widening (load_v_half).
+// Keys past the sequence hold stale bytes (NaN codes included): their rows are zeroed in the stage
+// before QK^T (zero_tail) and their scores masked.
 #pragma once
 
 #include <cuda.h>
@@ -84,11 +84,6 @@ struct RLayout {
   static_assert(kLowBlocks * kBlockBytes <= kStageOff, "merge blocks reach into the stages");
   static_assert(kStageOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms need their alignment");
 };
-
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t pair16) {
-  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair16), __NV_E4M3);
-  return static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -178,10 +173,8 @@ __device__ __forceinline__ void qk_r_panel(float (&s)[kN / 2], uint32_t (&a)[16]
   for (int c = 0; c < 4; ++c) {
     // w[2c]: row key, chunk c; w[2c + 1]: row key + 8 (ldmatrix matrices 0..3 = (c0,r) (c0,r8) (c1,r) (c1,r8))
     const uint32_t lo = w[2 * c], hi = w[2 * c + 1];
-    a[4 * c + 0] = e4m3x2_to_f16x2(lo & 0xffffu);
-    a[4 * c + 1] = e4m3x2_to_f16x2(hi & 0xffffu);
-    a[4 * c + 2] = e4m3x2_to_f16x2(lo >> 16);
-    a[4 * c + 3] = e4m3x2_to_f16x2(hi >> 16);
+    e4m3x4_to_f16x4(lo, a[4 * c + 0], a[4 * c + 2]);
+    e4m3x4_to_f16x4(hi, a[4 * c + 1], a[4 * c + 3]);
   }
   wgmma_fence();
   constexpr int kOff = kG * RLayout<kN>::kQPanelBytes / 16;  // Q panel kG; 16 dims (32 bytes) per k-step
@@ -207,33 +200,43 @@ __device__ __forceinline__ void pair_keys(uint32_t x, uint32_t y, uint32_t& r0, 
   constexpr uint32_t sel = kS | ((4 + kS) << 4) | ((kS + 1) << 8) | ((5 + kS) << 12);
   uint32_t t;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(t) : "r"(x), "r"(y), "n"(sel));
-  r0 = e4m3x2_to_f16x2(t & 0xffffu);
-  r1 = e4m3x2_to_f16x2(t >> 16);
+  e4m3x4_to_f16x4(t, r0, r1);
 }
 
-// The four keys 16 kK + 2 q + {0, 1, 8, 9} of k-step kK, dims 16 g + 8 kH .. + 7 (zeros past
-// valid): half kH of each key's 16-byte chunk (8-byte loads: at 32 rows a whole chunk per key held
-// across both groups spills).
+// The four keys 16 kK + 2 q + {0, 1, 8, 9} of k-step kK, dims 16 g + 8 kH .. + 7: half kH of each
+// key's 16-byte chunk (8-byte loads: at 32 rows a whole chunk per key held across both groups
+// spills). Keys past the sequence read zeros (zero_tail).
 template <int kK, int kH>
-__device__ __forceinline__ void load_v_half(const uint8_t* stage, int g, int quad, int valid, uint2 (&v)[4]) {
+__device__ __forceinline__ void load_v_half(const uint8_t* stage, int g, int quad, uint2 (&v)[4]) {
   // Key row k's chunk c sits at chunk c ^ ((k / 2) % 4), and (k / 2) % 4 = quad for all of these
   // keys: one base per thread, constant offsets (nothing per key for the compiler to keep live).
   const uint8_t* base = stage + (g >> 2) * kRPanelBytes + 8 * kH + 2 * quad * 64 + (((g & 3) ^ quad) << 4);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int key = 16 * kK + 2 * quad + (i & 1) + 8 * (i >> 1);
-    const uint2 x = *reinterpret_cast<const uint2*>(base + (16 * kK + (i & 1) + 8 * (i >> 1)) * 64);
-    v[i] = key < valid ? x : make_uint2(0u, 0u);
+  for (int i = 0; i < 4; ++i) v[i] = *reinterpret_cast<const uint2*>(base + (16 * kK + (i & 1) + 8 * (i >> 1)) * 64);
+}
+
+// A sequence's partial last tile: the codes of keys valid .. 63 (stale bytes, NaN codes included;
+// P = 0 there would still give 0 x NaN in PV) become zeros, by the warpgroup that owns the stage,
+// before its QK^T and PV read them; the barrier bar (128 threads) publishes them. (Their scores
+// are masked besides.) Per-element selects on every tile's V codes cost more. The TMA unit
+// refills the stage after the release: fence.proxy.async orders these generic stores before that.
+__device__ __forceinline__ void zero_tail(uint8_t* stage, int valid, int wtid, int bar) {
+  const int chunks = (kBlockN - valid) * (kPanels * 4);  // 16-byte chunks: 4 per 64-byte panel row
+  for (int i = wtid; i < chunks; i += 128) {
+    const int row = valid + i / (kPanels * 4), panel = (i >> 2) % kPanels, chunk = i & 3;  // whole rows: swizzle irrelevant
+    *reinterpret_cast<uint4*>(stage + panel * kRPanelBytes + row * 64 + chunk * 16) = make_uint4(0u, 0u, 0u, 0u);
   }
+  fence_proxy_async();
+  named_bar_sync(bar, 128);
 }
 
 // O^T blocks 4 kH .. 4 kH + 3, k-step kK: A from the four keys' codes of dims 16 g + 8 kH .. + 7
 // (block 4 kH + i: dims 16 g + 2 (4 kH + i), + 1 = bytes 2 i, 2 i + 1 of the half), one group.
 template <int kN, int kK, int kH>
 __device__ __forceinline__ void pv_r_group(float (&o)[kDimBlocks][kN / 2], uint32_t (&a)[16], const uint8_t* stage,
-                                           int g, int quad, int valid, uint64_t dp) {
+                                           int g, int quad, uint64_t dp) {
   uint2 v[4];
-  load_v_half<kK, kH>(stage, g, quad, valid, v);
+  load_v_half<kK, kH>(stage, g, quad, v);
   wgmma_wait<1>();
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -259,9 +262,9 @@ __device__ __forceinline__ void pv_r_group(float (&o)[kDimBlocks][kN / 2], uint3
 
 template <int kN, int kK>
 __device__ __forceinline__ void pv_r_kstep(float (&o)[kDimBlocks][kN / 2], uint32_t (&a0)[16], uint32_t (&a1)[16],
-                                           const uint8_t* stage, int g, int quad, int valid, uint64_t dp) {
-  pv_r_group<kN, kK, 0>(o, a0, stage, g, quad, valid, dp);
-  pv_r_group<kN, kK, 1>(o, a1, stage, g, quad, valid, dp);
+                                           const uint8_t* stage, int g, int quad, uint64_t dp) {
+  pv_r_group<kN, kK, 0>(o, a0, stage, g, quad, dp);
+  pv_r_group<kN, kK, 1>(o, a1, stage, g, quad, dp);
 }
 
 // This warpgroup's row sums over its tiles: per thread part -> quad lanes -> 4 warps (ssum, its
@@ -419,22 +422,23 @@ __device__ __forceinline__ void run_consumer_r(const MlaDecodeSm90Params& p, uin
       if (static_cast<int>(iter & 1) != w) continue;
       const uint32_t stage = iter % kRStages;
       const uint32_t stage_addr = smem_base + L::kStageOff + stage * kRStageBytes;
-      const uint8_t* stage_ptr = smem + L::kStageOff + stage * kRStageBytes;
+      uint8_t* stage_ptr = smem + L::kStageOff + stage * kRStageBytes;
       mbar_wait(bar_full0 + stage * 8, (iter / kRStages) & 1);
       if constexpr (trace::kProbe == trace::kProbeProducers) {  // probe: release each tile once full
         if (lane == 0) mbar_arrive(bar_empty0 + stage * 8);
         continue;
       }
+      const int valid = seg.len - t * kBlockN;
+      if (valid < kBlockN) zero_tail(stage_ptr, valid, wtid, bar_p);
       qk_r<kN>(s, a0, a1, stage_addr, lm_off0, lm_off1, dq, std::make_integer_sequence<int, kPanels>{});
       wgmma_wait<0>();
       fence_regs(s);
       softmax_t<kT, kN>(s, o, scale, t * kBlockN, t * kBlockN + kBlockN > mask_from, p, seg.len, smax, p_panel, warp,
                         lane, quad, m, l, bar_max, bar_p);
-      const int valid = seg.len - t * kBlockN;
-      pv_r_kstep<kN, 0>(o, a0, a1, stage_ptr, g, quad, valid, dp);
-      pv_r_kstep<kN, 1>(o, a0, a1, stage_ptr, g, quad, valid, dp);
-      pv_r_kstep<kN, 2>(o, a0, a1, stage_ptr, g, quad, valid, dp);
-      pv_r_kstep<kN, 3>(o, a0, a1, stage_ptr, g, quad, valid, dp);
+      pv_r_kstep<kN, 0>(o, a0, a1, stage_ptr, g, quad, dp);
+      pv_r_kstep<kN, 1>(o, a0, a1, stage_ptr, g, quad, dp);
+      pv_r_kstep<kN, 2>(o, a0, a1, stage_ptr, g, quad, dp);
+      pv_r_kstep<kN, 3>(o, a0, a1, stage_ptr, g, quad, dp);
       // Every read of this stage is in registers now (the last group's A was built from it).
       // Measured and not kept (H100, 2026-11-24): reading the V rows right after QK^T and
       // releasing the stage before the softmax (64 more live registers): 128 x 16 x 4K 116.7 -> 124.1 us.
