@@ -23,7 +23,8 @@
 //     permutation inside every 16-dim block (load_q_perm);
 //   * PV: the M rows of block b are value dims 16 g + 2 b and + 1 for thread group g = 8 warp +
 //     lane / 4, so a thread reads 16 consecutive dims of a key (two 8-byte loads, one per group of
-//     4 blocks) and its 16 output dims are consecutive; the keys keep their order (P is stored as the softmax writes it).
+//     4 blocks) and its 16 output dims are consecutive; the keys keep their order (P is stored as
+//     the softmax writes it).
 // Stage layout: 9 panels of [64 keys][64 codes], 64-byte swizzle (TMA's SWIZZLE_64B: 16-byte chunk
 // c of key row k at chunk c ^ ((k / 2) % 4)), which keeps both access patterns conflict-free.
 // (5 panels of 128 codes, 128-byte boxes with the last half zero-filled past dim 576, were no
@@ -80,7 +81,7 @@ struct RLayout {
   static constexpr int merge_off(int b) {
     return b < kLowBlocks ? kQOff + b * kBlockBytes : kHighOff + (b - kLowBlocks) * kBlockBytes;
   }
-  static_assert(kSum2Off + kTWarps * kTStride * 4 <= kMaxOff, "variant 5 layout overlaps the shared exchange buffers");
+  static_assert(kSum2Off + kTWarps * kTStride * 4 <= kMaxOff, "variant 5 / 6 layout overlaps the shared exchange buffers");
   static_assert(kLowBlocks * kBlockBytes <= kStageOff, "merge blocks reach into the stages");
   static_assert(kStageOff % 1024 == 0 && kPOff % 1024 == 0, "swizzle atoms need their alignment");
 };
@@ -95,7 +96,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
 // kOffB 16-byte units, added inside the asm).
 template <int kN, int kOffB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
-  static_assert(kN == 16 || kN == 32, "variant 5 runs 16 or 32 query rows");
+  static_assert(kN == 16 || kN == 32, "variants 5 / 6 run 16 / 32 query rows");
   if constexpr (kN == 16) {
     asm volatile(
         "{\n.reg .pred p;\n.reg .b64 db;\n"

@@ -215,10 +215,10 @@ __device__ __forceinline__ void issue_pv(float (&o)[128], uint32_t stage_addr, i
 }
 
 // Kernel variants: the bf16 cache with the lockstep (0) or seesaw (1) consumer schedule, and the
-// fp8 cache with the 64-row lockstep consumers (2, mla_decode_sm90_fp8.cuh), the transposed
-// consumer over producer-widened tiles for at most 32 rows (4, mla_decode_sm90_transposed.cuh; 3
-// was its 16-row form, replaced by 5), or the register-widened transposed consumers over TMA e4m3
-// stages for at most 16 rows (5, mla_decode_sm90_fp8_regs.cuh).
+// fp8 cache with the 64-row lockstep consumers (2, mla_decode_sm90_fp8.cuh) or the register-widened
+// transposed consumers over TMA e4m3 stages for at most 16 / 32 rows (5 / 6,
+// mla_decode_sm90_fp8_regs.cuh; 3 and 4, transposed consumers over producer-widened tiles, were
+// replaced by them).
 constexpr int kVariantLockstep = 0;
 constexpr int kVariantSeesaw = 1;
 constexpr int kVariantFp8 = 2;

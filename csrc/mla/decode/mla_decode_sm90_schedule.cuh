@@ -100,8 +100,8 @@ struct SlotRange {
 };
 
 // The slot range in the plan scratch (kPlanOff): first_b / first_start at [16, 18) (written
-// during the plan), the rest at [18, 23). Variant 5's consumers at 32 rows re-read it at each
-// segment instead of holding it across the tile loop, where O^T leaves no registers for it.
+// during the plan), the rest at [18, 23). The register-widened consumers (variants 5, 6) re-read
+// it at each segment instead of holding it across the tile loop, where O^T leaves no registers.
 __device__ __forceinline__ void store_slot_range(int* scratch, const SlotRange& sr) {
   scratch[18] = sr.x0;
   scratch[19] = sr.x1;
