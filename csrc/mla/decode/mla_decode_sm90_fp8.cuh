@@ -71,7 +71,6 @@ __device__ __forceinline__ F8Slot f8_slot(int j) {
 }
 
 // Where a tile's codes are: the cache row of each box (block-table reads) and its keys < len.
-// Located one tile ahead of its loads, so the table's latency is not on the loads' path.
 struct TileLoc {
   int cache_row[4];
   int valid;
