@@ -20,9 +20,8 @@ enum class MmaType { kBF16, kF16 };
 // d (+)= A B with both descriptors in smem: desc + kOff (kOff = byte offset / 16), added inside
 // the asm so the compiler cannot hoist the precomputed 64-bit descriptors into registers;
 // scale_d = 0 overwrites the accumulator. With N accumulator registers the operands are %0 ..
-// %N-1, then desc_a, desc_b, scale_d, kOffA, kOffB, kTransA; ta (the operand naming kTransA) / tb
-// are 1 when A / B is MN-major ("transposed", 16-bit types only); OUTS lists the accumulator
-// registers.
+// %N-1, then desc_a, desc_b, scale_d, kOffA, kOffB; ta / tb are 1 when A / B is MN-major
+// ("transposed", 16-bit types only); OUTS lists the accumulator registers.
 #define TS_MLA_WGMMA_SS(shape, type, regs, ta, tb, sc, da, oa, db, ob, OUTS)                              \
   asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\n"                                                    \
                "setp.ne.b32 p, " sc ", 0;\n"                                                              \
@@ -31,15 +30,15 @@ enum class MmaType { kBF16, kF16 };
                "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " " regs                       \
                ", da, db, p, 1, 1, " ta ", " tb ";\n}\n"                                                \
                : OUTS                                                                                     \
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kOffA), "n"(kOffB), "n"(kTransA))
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kOffA), "n"(kOffB))
 
 // S[64 x 32] (+)= A[64 x 16] B[16 x 32]^T; A and B K-major in smem (the lockstep QK^T).
 #define TS_MLA_ACC16 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define TS_MLA_REGS16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-template <MmaType kT, int kOffA, int kOffB, int kTransA = 0>
+template <MmaType kT, int kOffA, int kOffB>
 __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#define TS_MLA_WGMMA_16(TYPE) TS_MLA_WGMMA_SS("m64n32k16", TYPE, TS_MLA_REGS16, "%21", "0", "%18", "%16", "%19", "%17", "%20", TS_MLA_ACC16)
+#define TS_MLA_WGMMA_16(TYPE) TS_MLA_WGMMA_SS("m64n32k16", TYPE, TS_MLA_REGS16, "0", "0", "%18", "%16", "%19", "%17", "%20", TS_MLA_ACC16)
   if constexpr (kT == MmaType::kF16) {
     TS_MLA_WGMMA_16("f16");
   } else {
@@ -58,9 +57,9 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define TS_MLA_REGS32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-template <MmaType kT, int kOffA, int kOffB, int kTransA = 0>
+template <MmaType kT, int kOffA, int kOffB>
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#define TS_MLA_WGMMA_32(TYPE) TS_MLA_WGMMA_SS("m64n64k16", TYPE, TS_MLA_REGS32, "%37", "0", "%34", "%32", "%35", "%33", "%36", TS_MLA_ACC32)
+#define TS_MLA_WGMMA_32(TYPE) TS_MLA_WGMMA_SS("m64n64k16", TYPE, TS_MLA_REGS32, "0", "0", "%34", "%32", "%35", "%33", "%36", TS_MLA_ACC32)
   if constexpr (kT == MmaType::kF16) {
     TS_MLA_WGMMA_32("f16");
   } else {
@@ -96,9 +95,9 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                      \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "          \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
-template <MmaType kT, int kOffA, int kOffB, int kTransA = 0>
+template <MmaType kT, int kOffA, int kOffB>
 __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#define TS_MLA_WGMMA_128(TYPE) TS_MLA_WGMMA_SS("m64n256k16", TYPE, TS_MLA_REGS128, "%133", "1", "%130", "%128", "%131", "%129", "%132", TS_MLA_ACC128)
+#define TS_MLA_WGMMA_128(TYPE) TS_MLA_WGMMA_SS("m64n256k16", TYPE, TS_MLA_REGS128, "0", "1", "%130", "%128", "%131", "%129", "%132", TS_MLA_ACC128)
   if constexpr (kT == MmaType::kF16) {
     TS_MLA_WGMMA_128("f16");
   } else {
