@@ -2,10 +2,11 @@
 # The sm90 MLA prefill kernel (csrc/mla/prefill/) on the device: build, a smoke run that
 # separates "hangs" from "wrong" from "right", the GPU tests, then the benchmark beside
 # FlashInfer fa3 (the Triton and SDPA rows are in benchmarks/RESULTS.md already; add them with
-# --backends cuda_sm90,flashinfer,triton,sdpa). Every part is time-boxed (45 + 100 + 100 s): a
+# --backends cuda_sm90,flashinfer,triton,sdpa). Every part is time-boxed (45 + 100 + 300 s): a
 # barrier or phase mistake in the kernel hangs instead of failing, and `timeout` turns that
-# into a line of the table. Carry .whl and .whl-fi. Logs land in $OUT (./out outside the
-# device tool); the table prints last. Under 4 minutes with a warm build (a cold build of the
+# into a line of the table. The benchmark's box covers FlashInfer's JIT build of its kernels on
+# a fresh machine (BENCH_TIMEOUT overrides it; SKIP_BENCH=1 skips it). Carry .whl and .whl-fi.
+# Logs land in $OUT (./out outside the device tool); the table prints last. Under 4 minutes with a warm build (a cold build of the
 # whole package adds its own time, capped at 10 minutes).
 #
 #   bash scripts/device_mla_prefill_sm90.sh [benchmark args, e.g. --cases 0,2]
@@ -55,8 +56,10 @@ if [ "$tests_rc" = 124 ]; then echo "TESTS TIMED OUT; the last test named below 
 
 # 3. Benchmark (skipped when the smoke run hung: the same hang would eat the time box).
 bench_rc=0
-if [ "$smoke_rc" != 124 ]; then
-  timeout 100 python3 benchmarks/bench_mla_prefill.py --backends cuda_sm90,flashinfer \
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+  echo "benchmark skipped (SKIP_BENCH=1)" > "$OUT/prefill_sm90_bench.log"
+elif [ "$smoke_rc" != 124 ]; then
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_mla_prefill.py --backends cuda_sm90,flashinfer \
     --json "$OUT/prefill_sm90_bench.json" "$@" > "$OUT/prefill_sm90_bench.log" 2>&1 || bench_rc=$?
 else
   bench_rc=124

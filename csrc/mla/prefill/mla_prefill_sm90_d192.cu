@@ -72,4 +72,11 @@ cudaError_t launch_mla_prefill_sm90_d192(const MlaPrefillSm90Params& params, con
   return cudaGetLastError();
 }
 
+#if TS_PF_TRACE
+// Probe builds only (scripts/dev/prefill_probe.cu): the steady-state timeline of the last launch.
+cudaError_t mla_prefill_sm90_trace_copy(uint32_t* dst) {
+  return cudaMemcpyFromSymbol(dst, g_pf_trace, sizeof(g_pf_trace));
+}
+#endif
+
 }  // namespace tokenspeed::mla_prefill_sm90

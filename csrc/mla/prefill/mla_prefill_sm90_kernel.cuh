@@ -12,8 +12,9 @@
 //          S = Q K^T   wgmma m64n128k16 (A = Q, B = K, both smem, K-major), 192/16 k-steps
 //          online softmax in registers (exp2, scale folded in, conditional rescale)
 //          O += P V    wgmma m64n128k16 (A = P from registers, B = V smem, MN-major)
-//        Per key tile t: QK(t) and PV(t-1) are issued together, then softmax(t) runs
-//        while PV(t-1) is still on the tensor cores (intra-warpgroup overlap). The two
+//        Per key tile t: QK(t) and PV(t+1) are issued together; the row maxima of S(t)
+//        are taken while PV(t+1) is still on the tensor cores (intra-warpgroup
+//        overlap), then P(t) = exp2(...) is packed to bf16 as it is computed. The two
 //        warpgroups take turns issuing (named barriers 1 and 2), so one's softmax
 //        overlaps the other's matrix products (ping-pong).
 //
@@ -41,7 +42,10 @@
 #include "mla/prefill/mla_prefill_sm90_ptx.cuh"
 #include "mla/prefill/mla_prefill_sm90_schedule.cuh"
 
+#include "mla/prefill/mla_prefill_sm90_trace.cuh"
+
 namespace tokenspeed::mla_prefill_sm90 {
+
 
 namespace dev {
 
@@ -155,25 +159,30 @@ __device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&pr)[32
 // Per-row softmax state of this thread's two rows (row0 and row0 + 8): m is the exponent
 // base in the log2 domain (-inf until the row has seen a key), l this thread's part of
 // the row sum of P (reduced over the quad in the epilogue).
+//
+// One key tile of online softmax on S (accumulator layout: s[4j + e] is row0, key
+// 8j + 2 quad + e; s[4j + 2 + e] is row0 + 8), in two halves around the wait for
+// P V(n + 1), which still reads the P registers: softmax_max masks S (kMask: keys at or
+// past the row's limit become -inf; lim_rel = limit - first key of the tile - 2 quad),
+// takes the row maxima and moves the bases, returning whether a row of this thread moved
+// (alpha: the factors O and l must be scaled by); softmax_exp_pack then writes
+// P = exp2(S * scale_log2 - m) as bf16 straight into the A registers of the next P V
+// (register x holds keys 2x, 2x + 1 of the accumulator order, which is exactly the
+// m64nNk16 A fragment) and adds the row sums to l.
 struct RowState {
   float m0, m1, l0, l1;
 };
 
-// One key tile of online softmax on S (accumulator layout: s[4j + e] is row0, key
-// 8j + 2 quad + e; s[4j + 2 + e] is row0 + 8). kMask: keys at or past the row's limit
-// become -inf first (lim_rel = limit - first key of the tile - 2 quad). Leaves
-// exp2(S * scale_log2 - m) in s and the factors O must be scaled by in alpha; returns
-// whether any row of this thread moved its base.
 template <bool kMask>
-__device__ __forceinline__ bool softmax_tile(float (&s)[64], RowState& st, float scale_log2, int lim_rel0,
-                                             int lim_rel1, float& alpha0, float& alpha1) {
+__device__ __forceinline__ bool softmax_max(float (&s)[64], RowState& st, float scale_log2, int lim_rel0, int lim_rel1,
+                                            float& alpha0, float& alpha1) {
   const float ninf = neg_inf();
   if (kMask) {
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[4 * j + e] = 8 * j + e < lim_rel0 ? s[4 * j + e] : ninf;  // select, never arithmetic (NaN rows)
+        s[4 * j + e] = 8 * j + e < lim_rel0 ? s[4 * j + e] : ninf;
         s[4 * j + 2 + e] = 8 * j + e < lim_rel1 ? s[4 * j + 2 + e] : ninf;
       }
     }
@@ -210,30 +219,31 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], RowState& st, float
     alpha1 = exp2_approx(st.m1 - mx1);
     st.m1 = mx1;
   }
+  return up0 || up1;
+}
+
+__device__ __forceinline__ void softmax_exp_pack(const float (&s)[64], uint32_t (&pr)[32], RowState& st,
+                                                 float scale_log2, float alpha0, float alpha1) {
   // A row without a key yet keeps base 0: exp2(-inf - 0) = 0, never -inf - (-inf).
+  const float ninf = neg_inf();
   const float nb0 = st.m0 == ninf ? 0.f : -st.m0;
   const float nb1 = st.m1 == ninf ? 0.f : -st.m1;
   float p0[4] = {0.f, 0.f, 0.f, 0.f}, p1[4] = {0.f, 0.f, 0.f, 0.f};  // partial sums, four chains per row
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
+    float e[4];
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      s[4 * j + e] = exp2_approx(fmaf(s[4 * j + e], scale_log2, nb0));
-      s[4 * j + 2 + e] = exp2_approx(fmaf(s[4 * j + 2 + e], scale_log2, nb1));
-      p0[j % 4] += s[4 * j + e];
-      p1[j % 4] += s[4 * j + 2 + e];
+    for (int x = 0; x < 2; ++x) {
+      e[x] = exp2_approx(fmaf(s[4 * j + x], scale_log2, nb0));
+      e[2 + x] = exp2_approx(fmaf(s[4 * j + 2 + x], scale_log2, nb1));
+      p0[j % 4] += e[x];
+      p1[j % 4] += e[2 + x];
     }
+    pr[2 * j] = pack_bf16x2(e[0], e[1]);
+    pr[2 * j + 1] = pack_bf16x2(e[2], e[3]);
   }
   st.l0 = st.l0 * alpha0 + ((p0[0] + p0[1]) + (p0[2] + p0[3]));
   st.l1 = st.l1 * alpha1 + ((p1[0] + p1[1]) + (p1[2] + p1[3]));
-  return up0 || up1;
-}
-
-// P (bf16) in wgmma's A-register layout: register x holds keys 2x, 2x + 1 of the
-// accumulator order, which is exactly what the m64nNk16 A fragment expects.
-__device__ __forceinline__ void pack_p(uint32_t (&pr)[32], const float (&s)[64]) {
-#pragma unroll
-  for (int x = 0; x < 32; ++x) pr[x] = pack_bf16x2(s[2 * x], s[2 * x + 1]);
 }
 
 // The last, partial key tile may reach past the sequence into rows that are another
@@ -268,7 +278,9 @@ template <int kHeadDimQK>
 __device__ __forceinline__ void run_consumer(const MlaPrefillSm90Params& p, uint8_t* smem, uint32_t smem_base) {
   using L = SmemLayout<kHeadDimQK>;
   const int ctid = threadIdx.x - 128;  // 0 .. 255
-  const int w = ctid >> 7;             // consumer warpgroup: query rows 64w .. 64w + 63
+  // Broadcast from lane 0 so the compiler sees a warp-uniform value: the smem addresses built
+  // from it then live in uniform registers and feed the wgmma descriptors without R2UR moves.
+  const int w = __shfl_sync(0xffffffffu, ctid >> 7, 0);  // consumer warpgroup: query rows 64w .. 64w + 63
   const int wtid = ctid & 127;
   const int lane = ctid & 31;
   const int quad = lane & 3;
@@ -336,31 +348,37 @@ __device__ __forceinline__ void run_consumer(const MlaPrefillSm90Params& p, uint
       float a0, a1;
       const int kd = n * kBlockN + 2 * quad;
       if (n >= unmasked) {
-        softmax_tile<true>(s, st, scale_log2, lim0 - kd, lim1 - kd, a0, a1);
+        softmax_max<true>(s, st, scale_log2, lim0 - kd, lim1 - kd, a0, a1);
       } else {
-        softmax_tile<false>(s, st, scale_log2, 0, 0, a0, a1);
+        softmax_max<false>(s, st, scale_log2, 0, 0, a0, a1);
       }
-      pack_p(pr, s);
+      softmax_exp_pack(s, pr, st, scale_log2, a0, a1);
     }
 
-    // ---- steady state: QK(n) and PV(n + 1) in flight together, softmax(n) overlaps PV ----
+    // ---- steady state: QK(n) and PV(n + 1) in flight together; the row maxima of S(n)
+    // overlap PV(n + 1), then P(n) is packed as it is computed ----
+    bool k_ready = false, v_ready = false;  // the next tile's K / V are known to have landed
 #pragma unroll 1
     for (n = tiles - 2; n >= 0; --n) {
+      [[maybe_unused]] const int it_trace = tiles - 2 - n;
+      PF_T(0);
       const uint32_t kv_next = kv_iter + 1;
       const uint32_t stage_k = kv_next % L::kStages;
       const uint32_t stage_v = kv_iter % L::kStages;
-      mbar_wait(smem_base + L::kKFull + 8 * stage_k, (kv_next / L::kStages) & 1);
-      mbar_wait(smem_base + L::kVFull + 8 * stage_v, (kv_iter / L::kStages) & 1);
+      if (!k_ready) mbar_wait(smem_base + L::kKFull + 8 * stage_k, (kv_next / L::kStages) & 1);
+      if (!v_ready) mbar_wait(smem_base + L::kVFull + 8 * stage_v, (kv_iter / L::kStages) & 1);
       const int valid_v = wk.lk - (n + 1) * kBlockN;  // keys of tile n + 1 inside the sequence
       if (valid_v < kBlockN) zero_v_tail<kHeadDimQK>(smem + L::kVOff + stage_v * L::kVBytes, valid_v, w, wtid);
-
+      PF_T(1);
       named_bar_sync(kBarSched + w, 256);  // our turn on the tensor cores
+      PF_T(2);
       issue_qk<kHeadDimQK>(s, q_addr, smem_base + L::kKOff + stage_k * L::kKBytes);
       issue_pv<kHeadDimQK>(o, pr, smem_base + L::kVOff + stage_v * L::kVBytes);
       named_bar_arrive(kBarSched + (w ^ 1), 256);  // the other warpgroup's turn
-
+      PF_T(3);
       wgmma_wait<1>();  // QK(n) done, PV(n + 1) may still run
       fence_regs(s);
+      PF_T(4);
       if (lane == 0) {
         mbar_arrive(smem_base + L::kKEmpty + 8 * stage_k);
         if (n == 0) mbar_arrive(smem_base + L::kQEmpty);
@@ -369,16 +387,24 @@ __device__ __forceinline__ void run_consumer(const MlaPrefillSm90Params& p, uint
       bool moved;
       const int kd = n * kBlockN + 2 * quad;
       if (n >= unmasked) {
-        moved = softmax_tile<true>(s, st, scale_log2, lim0 - kd, lim1 - kd, a0, a1);
+        moved = softmax_max<true>(s, st, scale_log2, lim0 - kd, lim1 - kd, a0, a1);
       } else {
-        moved = softmax_tile<false>(s, st, scale_log2, 0, 0, a0, a1);
+        moved = softmax_max<false>(s, st, scale_log2, 0, 0, a0, a1);
       }
+      // The next iteration's K(n - 1) and V(n) (after the last iteration: V(0) of the last
+      // P V) have usually landed by now: a non-blocking test here takes the barrier's
+      // latency off the next issue.
+      k_ready = mbar_test(smem_base + L::kKFull + 8 * ((kv_next + 1) % L::kStages), ((kv_next + 1) / L::kStages) & 1);
+      v_ready = mbar_test(smem_base + L::kVFull + 8 * (kv_next % L::kStages), (kv_next / L::kStages) & 1);
+      PF_T(5);
       wgmma_wait<0>();  // PV(n + 1) done: its V stage and P registers are free, O is final
       fence_regs(o);
       fence_regs(pr);
+      PF_T(6);
       if (lane == 0) mbar_arrive(smem_base + L::kVEmpty + 8 * stage_v);
       if (__any_sync(0xffffffffu, moved)) scale_acc_rows(o, a0, a1);
-      pack_p(pr, s);
+      softmax_exp_pack(s, pr, st, scale_log2, a0, a1);
+      PF_T(7);
       kv_iter = kv_next;
     }
 
