@@ -6,8 +6,8 @@
 # barrier or phase mistake in the kernel hangs instead of failing, and `timeout` turns that
 # into a line of the table. The benchmark's box covers FlashInfer's JIT build of its kernels on
 # a fresh machine (BENCH_TIMEOUT overrides it; SKIP_BENCH=1 skips it). Carry .whl and .whl-fi.
-# Logs land in $OUT (./out outside the device tool); the table prints last. Under 4 minutes with a warm build (a cold build of the
-# whole package adds its own time, capped at 10 minutes).
+# Logs land in $OUT (./out outside the device tool); the table prints last. Under 4 minutes
+# with a warm build (a cold build of the whole package adds its own time, capped at 10 minutes).
 #
 #   bash scripts/device_mla_prefill_sm90.sh [benchmark args, e.g. --cases 0,2]
 source "$(dirname "$0")/device_env.sh"

@@ -41,11 +41,9 @@
 #include "mla/prefill/mla_prefill_sm90_layout.cuh"
 #include "mla/prefill/mla_prefill_sm90_ptx.cuh"
 #include "mla/prefill/mla_prefill_sm90_schedule.cuh"
-
 #include "mla/prefill/mla_prefill_sm90_trace.cuh"
 
 namespace tokenspeed::mla_prefill_sm90 {
-
 
 namespace dev {
 
@@ -182,7 +180,7 @@ __device__ __forceinline__ bool softmax_max(float (&s)[64], RowState& st, float 
     for (int j = 0; j < 16; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[4 * j + e] = 8 * j + e < lim_rel0 ? s[4 * j + e] : ninf;
+        s[4 * j + e] = 8 * j + e < lim_rel0 ? s[4 * j + e] : ninf;  // select, never arithmetic (NaN rows)
         s[4 * j + 2 + e] = 8 * j + e < lim_rel1 ? s[4 * j + 2 + e] : ninf;
       }
     }
