@@ -12,7 +12,7 @@ namespace tokenspeed::mla_sm90::trace {
 // Throughput probes of the fp8 variants' halves, compiled in only by scripts/dev/fp8_decode_probe.cu
 // (-DTS_MLA_PROBE=n; results are garbage): 1 the producers alone (the consumers release each stage
 // as soon as it is full), 2 the consumers alone (the producers arrive without loading), 3 (variant
-// 4) the producers load the codes but do not widen or store them.
+// 2's widening producer) the producers load the codes but do not widen or store them.
 #if !defined(TS_MLA_PROBE)
 #define TS_MLA_PROBE 0
 #endif
